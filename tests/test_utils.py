@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from shared import utils
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", " 1 "])
+def test_quick_mode_is_on_for_truthy_values(monkeypatch, value):
+    monkeypatch.setenv("LLMS_QUICK", value)
+    assert utils.is_quick()
+    assert utils.by_mode(full=10, quick=1) == 1
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off"])
+def test_quick_mode_is_off_otherwise(monkeypatch, value):
+    monkeypatch.setenv("LLMS_QUICK", value)
+    assert not utils.is_quick()
+    assert utils.by_mode(full=10, quick=1) == 10
+
+
+def test_quick_mode_is_off_when_unset(monkeypatch):
+    monkeypatch.delenv("LLMS_QUICK", raising=False)
+    assert not utils.is_quick()
+
+
+def _fake_accelerators(monkeypatch, cuda: bool, mps: bool):
+    monkeypatch.delenv("LLMS_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"),
+    [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
+def test_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    _fake_accelerators(monkeypatch, cuda, mps)
+    assert utils.get_device().type == expected
+
+
+def test_device_can_be_forced_by_argument_or_environment(monkeypatch):
+    _fake_accelerators(monkeypatch, cuda=True, mps=True)
+    assert utils.get_device("cpu").type == "cpu"
+    monkeypatch.setenv("LLMS_DEVICE", "cpu")
+    assert utils.get_device().type == "cpu"
+
+
+def test_set_seed_makes_random_tensors_repeat():
+    utils.set_seed(7)
+    first = torch.rand(3)
+    utils.set_seed(7)
+    assert torch.equal(first, torch.rand(3))
+
+
+def test_banner_prints_versions_device_and_mode(monkeypatch, capsys):
+    monkeypatch.setenv("LLMS_QUICK", "1")
+    utils.banner()
+    line = capsys.readouterr().out
+    for fact in ("python:", f"torch: {torch.__version__}", "tiktoken:", "device:", "mode: quick"):
+        assert fact in line
+    monkeypatch.delenv("LLMS_QUICK")
+    utils.banner()
+    assert "mode: full" in capsys.readouterr().out
