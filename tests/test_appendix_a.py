@@ -118,11 +118,9 @@ NUM_SAMPLES, BATCH_SIZE, EPOCHS, LR, SEED = 16, 2, 3, 0.5, 123
 def torchrun_two_processes(tmp_path_factory):
     """One real 2-process run on the CPU, shared by the tests below."""
     facts_dir = tmp_path_factory.mktemp("ddp-facts")
-    env = dict(
-        os.environ,
-        LLMS_DEVICE="cpu",
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
+    # This checkout's shared package, and the CPU even where there are GPUs.
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, LLMS_DEVICE="cpu", PYTHONPATH=python_path)
     args = ["--facts-dir", facts_dir, "--num-samples", NUM_SAMPLES, "--batch-size", BATCH_SIZE]
     args += ["--epochs", EPOCHS, "--lr", LR, "--seed", SEED]
     # Kills torchrun and both workers if anything hangs, so a failure never leaves processes behind.
