@@ -111,7 +111,7 @@ def test_train_step_rejects_more_micro_batches_than_samples():
 
 # --- data-parallel training with torchrun on the CPU -----------------------------------------
 
-NUM_SAMPLES, BATCH_SIZE, EPOCHS, LR, SEED = 16, 2, 3, 0.5, 123
+NUM_SAMPLES, BATCH_SIZE, ACCUMULATION_STEPS, EPOCHS, LR, SEED = 16, 2, 2, 3, 0.5, 123
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def torchrun_two_processes(tmp_path_factory):
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, LLMS_DEVICE="cpu", PYTHONPATH=python_path)
     args = ["--facts-dir", facts_dir, "--num-samples", NUM_SAMPLES, "--batch-size", BATCH_SIZE]
-    args += ["--epochs", EPOCHS, "--lr", LR, "--seed", SEED]
+    args += ["--accumulation-steps", ACCUMULATION_STEPS, "--epochs", EPOCHS, "--lr", LR, "--seed", SEED]
     # Kills torchrun and both workers if anything hangs, so a failure never leaves processes behind.
     result = distributed.launch_torchrun(SCRIPT, args, nproc_per_node=2, timeout=120, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout
@@ -169,7 +169,8 @@ def test_torchrun_prints_from_rank_zero_only(torchrun_two_processes):
 
 
 def test_torchrun_training_equals_one_process_on_the_combined_batches(torchrun_two_processes):
-    """DDP averages the two processes' gradients, so each step equals one step on both batches at once."""
+    """DDP averages the two processes' gradients, so each step (accumulated over micro-batches
+    under no_sync) equals one plain step on both processes' batches at once."""
     _, facts, (ddp_weights, _) = torchrun_two_processes
     torch.manual_seed(SEED)
     model = ddp_train.NeuralNetwork(num_inputs=2, num_outputs=2)
@@ -214,6 +215,18 @@ def test_launch_environment_defaults_to_a_group_of_one():
 def test_launch_environment_rejects_partial_or_inconsistent_variables(environ, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         distributed.read_launch_environment(environ)
+
+
+def test_session_rejects_more_processes_per_machine_than_gpus(monkeypatch):
+    monkeypatch.setattr(distributed, "get_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK=1 has no GPU: only 1 visible.*--nproc_per_node=1"):
+        with distributed.distributed_session():
+            pass
+    assert not torch.distributed.is_initialized()
 
 
 def test_print_main_prints_on_rank_zero_only(monkeypatch, capsys):
