@@ -114,6 +114,33 @@ def test_matches_torch_multihead_attention_with_copied_weights(d_in, d_out, num_
     mha = set_mode(make_attention(d_in, d_out, num_heads, qkv_bias=qkv_bias), mode)
     x = torch.randn(3, 6, d_in)
     torch.testing.assert_close(mha(x), run_torch_peer(mha, x, mode), **TOL)
+    if mode == "eval":  # without autograd, nn.MultiheadAttention may take its inference fast path
+        with torch.no_grad():
+            torch.testing.assert_close(mha(x), run_torch_peer(mha, x, mode), **TOL)
+
+
+def test_matches_hand_written_reference_for_random_shapes():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(
+        batch=st.integers(1, 3),
+        tokens=st.integers(1, 9),
+        extra_context=st.integers(0, 3),
+        d_in=st.integers(1, 10),
+        num_heads=st.integers(1, 4),
+        head_dim=st.integers(1, 5),
+        qkv_bias=st.booleans(),
+    )
+    def check(batch, tokens, extra_context, d_in, num_heads, head_dim, qkv_bias):
+        mha = make_attention(
+            d_in, num_heads * head_dim, num_heads, context_length=tokens + extra_context, qkv_bias=qkv_bias
+        ).eval()
+        x = torch.randn(batch, tokens, d_in)
+        torch.testing.assert_close(mha(x), reference_attention(mha, x), **TOL)
+
+    check()
 
 
 def test_matches_hugging_face_gpt2_attention_with_its_weights_mapped_by_name():
