@@ -9,7 +9,7 @@ import heapq
 import json
 import os
 import re
-from itertools import pairwise
+from itertools import chain, pairwise
 from pathlib import Path
 
 import regex
@@ -289,7 +289,8 @@ class BPETokenizer:
             raise ValueError(f"a byte-level vocabulary needs all 256 single bytes; missing {missing[:10]}")
         self._byte_ids = [id_of_bytes[bytes([byte])] for byte in range(256)]
 
-        # pair -> (rank, id of the joined token); the rank is the order in which merges were learned
+        # merges: (left id, right id) -> id of the joined token; _merge_rank: the same pairs ->
+        # the order in which they were learned (encoding applies the lowest rank first).
         self.merges: dict[tuple[int, int], int] = {}
         self._merge_rank: dict[tuple[int, int], int] = {}
         for rank, (left, right) in enumerate(merges):
@@ -316,6 +317,12 @@ class BPETokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def __repr__(self) -> str:
+        return (
+            f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+            f"special_tokens={sorted(self.special_tokens)})"
+        )
+
     # -- training ------------------------------------------------------------------------
 
     def train(self, text: str, vocab_size: int, allowed_special=(), verbose: bool = False) -> BPETokenizer:
@@ -330,7 +337,12 @@ class BPETokenizer:
         ids, so training is deterministic. Pair counts are updated only for the pieces that
         contain the merged pair, instead of being recounted over the whole text each step.
         """
-        specials = sorted(set(allowed_special))
+        if allowed_special == "all":
+            raise ValueError(
+                'allowed_special="all" has no meaning before training: name the special tokens to '
+                'add, e.g. allowed_special={"<|endoftext|>"}'
+            )
+        specials = sorted(_as_token_set(allowed_special))
         if vocab_size < 256 + len(specials):
             raise ValueError(
                 f"vocab_size={vocab_size} is too small: the 256 byte tokens and {len(specials)} special "
@@ -363,16 +375,15 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids of ``text`` with special-token strings treated as plain text."""
+        pieces = self._compiled_pattern.findall(text)
         cache = self._piece_cache
         if len(cache) > _PIECE_CACHE_LIMIT:  # bound memory on very varied text
             cache.clear()
-        ids: list[int] = []
-        for piece in self._compiled_pattern.findall(text):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = cache[piece] = self._encode_piece(piece.encode("utf-8"))
-            ids.extend(piece_ids)
-        return ids
+        # Text repeats its pieces (" the", ",", ...): run BPE once per distinct new piece,
+        # then build the output from cached look-ups alone.
+        for piece in set(pieces).difference(cache):
+            cache[piece] = self._encode_piece(piece.encode("utf-8"))
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
         """Token ids of ``text``, with the same special-token rules as tiktoken.
@@ -382,11 +393,12 @@ class BPETokenizer:
           ``text`` raises a ValueError, since usually it came from data, not from you. Pass
           ``disallowed_special=()`` to encode such text as ordinary characters.
         """
-        if allowed_special == "all":
-            allowed_special = set(self.special_tokens)
+        allowed_special = (
+            set(self.special_tokens) if allowed_special == "all" else _as_token_set(allowed_special)
+        )
         if disallowed_special == "all":
-            disallowed_special = set(self.special_tokens) - set(allowed_special)
-        unknown = set(allowed_special) - set(self.special_tokens)
+            disallowed_special = set(self.special_tokens) - allowed_special
+        unknown = allowed_special - set(self.special_tokens)
         if unknown:
             raise ValueError(
                 f"{sorted(unknown)} are not special tokens of this tokenizer: {sorted(self.special_tokens)}"
@@ -509,6 +521,11 @@ class BPETokenizer:
         return cls._from_printable(
             document["vocab"], document["merges"], document["special_tokens"], document["pattern"]
         )
+
+
+def _as_token_set(tokens) -> set[str]:
+    """A set of special-token strings; one string counts as one token, not as its characters."""
+    return {tokens} if isinstance(tokens, str) else set(tokens)
 
 
 _NEVER = float("inf")  # rank of a pair that has no merge

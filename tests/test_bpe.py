@@ -222,6 +222,14 @@ def test_training_on_tiny_text_does_not_fail(text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_a_single_special_token_string_is_one_token_not_its_characters():
+    tokenizer = BPETokenizer().train("a<|endoftext|>b", 300, allowed_special="<|endoftext|>")
+    assert tokenizer.special_tokens == {"<|endoftext|>": tokenizer.vocab_size - 1}
+    assert tokenizer.encode("a<|endoftext|>", allowed_special="<|endoftext|>")[-1] == tokenizer.vocab_size - 1
+    with pytest.raises(ValueError, match="no meaning before training"):
+        BPETokenizer().train("text", 300, allowed_special="all")
+
+
 def test_too_small_vocab_size_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 257"):
         BPETokenizer().train("text", 256, allowed_special={"<|endoftext|>"})

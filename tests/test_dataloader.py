@@ -48,6 +48,11 @@ def test_stride_below_one_is_an_error(stride):
         GPTDataset(list(range(10)), max_length=4, stride=stride)
 
 
+def test_max_length_below_one_is_an_error():
+    with pytest.raises(ValueError, match="max_length must be at least 1, got 0"):
+        GPTDataset(list(range(10)), max_length=0, stride=1)
+
+
 def test_first_batch_of_the_verdict_is_the_books():
     loader = create_dataloader(data.load_the_verdict(), batch_size=1, max_length=4, stride=1, shuffle=False)
     inputs, targets = next(iter(loader))
