@@ -278,12 +278,18 @@ class BPETokenizer:
         self._set_up(vocab, list(merges), dict(special_tokens or {}), pattern)
 
     def _set_up(self, vocab: dict[int, bytes], merges, special_tokens: dict[str, int], pattern: str):
-        self.vocab = vocab
+        # self.vocab maps every id to its bytes, special tokens included (as their UTF-8 text).
+        special_bytes = {token_id: text.encode("utf-8") for text, token_id in special_tokens.items()}
+        clashes = sorted(i for i, token in special_bytes.items() if vocab.get(i, token) != token)
+        if clashes:
+            raise ValueError(f"special token ids {clashes} are already used by ordinary tokens")
+        ordinary = {token_id: token for token_id, token in vocab.items() if token_id not in special_bytes}
+        self.vocab = {**ordinary, **special_bytes}
         self.special_tokens = special_tokens
         self.pattern = pattern
         self._compiled_pattern = regex.compile(pattern)
 
-        id_of_bytes = {token: token_id for token_id, token in vocab.items()}
+        id_of_bytes = {token: token_id for token_id, token in ordinary.items()}
         missing = [byte for byte in range(256) if bytes([byte]) not in id_of_bytes]
         if missing:
             raise ValueError(f"a byte-level vocabulary needs all 256 single bytes; missing {missing[:10]}")
@@ -294,16 +300,12 @@ class BPETokenizer:
         self.merges: dict[tuple[int, int], int] = {}
         self._merge_rank: dict[tuple[int, int], int] = {}
         for rank, (left, right) in enumerate(merges):
-            joined = vocab.get(left, b"") + vocab.get(right, b"")
-            if left not in vocab or right not in vocab or joined not in id_of_bytes:
+            joined = ordinary.get(left, b"") + ordinary.get(right, b"")
+            if left not in ordinary or right not in ordinary or joined not in id_of_bytes:
                 raise ValueError(f"merge #{rank} {(left, right)} joins tokens that are not in the vocabulary")
             self.merges[(left, right)] = id_of_bytes[joined]
             self._merge_rank[(left, right)] = rank
 
-        clashes = set(special_tokens.values()) & set(vocab)
-        if clashes:
-            raise ValueError(f"special token ids {sorted(clashes)} are already used by ordinary tokens")
-        self._special_by_id = {token_id: text.encode("utf-8") for text, token_id in special_tokens.items()}
         self._special_pattern_cache: dict[frozenset, regex.Pattern] = {}
         self._piece_cache: dict[str, list[int]] = {}
 
@@ -312,7 +314,7 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids in use: ordinary tokens plus special tokens."""
-        return len(self.vocab) + len(self.special_tokens)
+        return len(self.vocab)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -325,12 +327,14 @@ class BPETokenizer:
 
     # -- training ------------------------------------------------------------------------
 
-    def train(self, text: str, vocab_size: int, allowed_special=(), verbose: bool = False) -> BPETokenizer:
+    def train(
+        self, text: str, vocab_size: int, allowed_special=frozenset({END_OF_TEXT}), verbose: bool = False
+    ) -> BPETokenizer:
         """Learn merges from ``text`` until the vocabulary holds ``vocab_size`` ids; returns self.
 
         ``vocab_size`` counts the 256 bytes, the merges and the special tokens. Special tokens
-        (``allowed_special``, e.g. ``{"<|endoftext|>"}``) get the last ids; where they occur in
-        ``text`` they are cut out, so no merge spans them. Training starts from bytes again
+        (``allowed_special``; by default ``{"<|endoftext|>"}`` as in GPT-2, ``()`` for none) get
+        the last ids; where they occur in ``text`` they are cut out, so no merge spans them. Training starts from bytes again
         (earlier merges are forgotten), and stops early when no adjacent pair is left to merge.
 
         Each step merges the most frequent adjacent pair; ties go to the pair with the smallest
@@ -438,7 +442,7 @@ class BPETokenizer:
         chunks = []
         for token_id in ids:
             token_id = int(token_id)
-            chunk = self.vocab.get(token_id) or self._special_by_id.get(token_id)
+            chunk = self.vocab.get(token_id)
             if chunk is None:
                 raise ValueError(
                     f"token id {token_id} is not in this tokenizer (vocab_size={self.vocab_size})"
@@ -497,10 +501,15 @@ class BPETokenizer:
         special tokens. Human-readable, and loading it runs no code (unlike pickle)."""
         path = Path(path)
         merges_by_rank = sorted(self._merge_rank, key=self._merge_rank.get)
+        special_ids = set(self.special_tokens.values())
         document = {
             "format": _SAVE_FORMAT,
             "pattern": self.pattern,
-            "vocab": {_token_to_text(token): token_id for token_id, token in sorted(self.vocab.items())},
+            "vocab": {
+                _token_to_text(token): token_id
+                for token_id, token in sorted(self.vocab.items())
+                if token_id not in special_ids
+            },
             "merges": [
                 f"{_token_to_text(self.vocab[left])} {_token_to_text(self.vocab[right])}"
                 for left, right in merges_by_rank

@@ -171,13 +171,13 @@ def _naive_merges(text, vocab_size):
 
 def test_incremental_training_learns_the_same_merges_as_recounting(verdict):
     text = verdict[:3000]
-    tokenizer = BPETokenizer().train(text, 400)
+    tokenizer = BPETokenizer().train(text, 400, allowed_special=())
     learned = sorted(tokenizer.merges, key=tokenizer.merges.get)
     assert learned == _naive_merges(text, 400)
 
 
 def test_training_reaches_the_vocab_size_with_specials_last(trained, verdict):
-    assert trained.vocab_size == len(trained) == 1000
+    assert trained.vocab_size == len(trained) == len(trained.vocab) == 1000
     assert trained.special_tokens == {"<|endoftext|>": 999}
     assert len(trained.merges) == 1000 - 256 - 1
     assert len(trained.encode(verdict)) < len(verdict.encode("utf-8")) / 2
@@ -190,28 +190,36 @@ def test_training_is_deterministic(verdict, trained):
 
 
 def test_first_merge_is_the_most_frequent_pair():
-    tokenizer = BPETokenizer().train("aaab aaab aaab xy", 257)
+    tokenizer = BPETokenizer().train("aaab aaab aaab xy", 257, allowed_special=())
     # Pieces: "aaab" and " aaab" x2, " xy". ("a", "a") occurs 2 x 3 = 6 times.
     assert tokenizer.merges == {(97, 97): 256}
     assert tokenizer.vocab[256] == b"aa"
 
 
 def test_ties_go_to_the_pair_with_the_smallest_ids():
-    tokenizer = BPETokenizer().train("ab cd", 257)  # "ab", " c", "cd" each once
+    tokenizer = BPETokenizer().train("ab cd", 257, allowed_special=())  # "ab", " c", "cd" each once
     assert tokenizer.merges == {(32, 99): 256}  # (" ", "c") has the smallest ids
 
 
 def test_no_merge_crosses_a_special_token():
     text = "ab<|endoftext|>ab<|endoftext|>ab"
     tokenizer = BPETokenizer().train(text, 300, allowed_special={"<|endoftext|>"})
+    special_id = tokenizer.special_tokens["<|endoftext|>"]
+    assert tokenizer.vocab[special_id] == b"<|endoftext|>"
     for token_id, token in tokenizer.vocab.items():
-        assert b"<" not in token or token_id < 256
+        assert b"<" not in token or token_id in (ord("<"), special_id)
     ids = tokenizer.encode(text, allowed_special="all")
     assert ids.count(tokenizer.special_tokens["<|endoftext|>"]) == 2
 
 
+def test_end_of_text_is_a_special_token_by_default():
+    tokenizer = BPETokenizer().train("one two", 300)
+    assert tokenizer.special_tokens == {"<|endoftext|>": tokenizer.vocab_size - 1}
+    assert BPETokenizer().train("one two", 300, allowed_special=()).special_tokens == {}
+
+
 def test_training_stops_when_every_piece_is_one_token():
-    tokenizer = BPETokenizer().train("hello hello", 1000)
+    tokenizer = BPETokenizer().train("hello hello", 1000, allowed_special=())
     assert tokenizer.vocab_size < 1000
     assert tokenizer.encode("hello hello") == [tokenizer.encode("hello")[0], tokenizer.encode(" hello")[0]]
 
@@ -247,6 +255,13 @@ def test_decode_of_a_character_split_across_tokens_does_not_crash(trained):
     assert trained.decode(ids[:2]) == "\ufffd"
     assert [trained.decode([token_id]) for token_id in ids] == ["\ufffd"] * 4
     assert trained.decode_bytes(ids[:1]) == "🤗".encode()[:1]
+
+
+def test_gpt2_decode_of_every_prefix_matches_tiktoken(gpt2_bpe, tiktoken_gpt2):
+    ids = gpt2_bpe.encode("naïve 🤗 日本語")  # the emoji and the CJK characters span several tokens
+    for end in range(len(ids) + 1):
+        assert gpt2_bpe.decode(ids[:end]) == tiktoken_gpt2.decode(ids[:end])
+    assert "\ufffd" in gpt2_bpe.decode(ids[: ids.index(12520) + 1])  # first byte-token of 🤗
 
 
 def test_decode_of_an_unknown_id_names_it(trained):
