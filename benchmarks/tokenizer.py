@@ -17,6 +17,7 @@ Timings are the median of interleaved rounds after a warm-up (this machine's spe
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -89,6 +90,13 @@ def bench_train(text: str, rounds: int) -> list[dict]:
     ]
 
 
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
@@ -126,6 +134,8 @@ def main() -> None:
         "benchmark": "tokenizer",
         "mode": by_mode(full="full", quick="quick"),
         "python": platform.python_version(),
+        "tiktoken": _version_of("tiktoken"),
+        "regex": _version_of("regex"),
         "machine": platform.machine(),
         "encode": encode,
         "train": train,

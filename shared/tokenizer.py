@@ -340,6 +340,7 @@ class BPETokenizer:
         Each step merges the most frequent adjacent pair; ties go to the pair with the smallest
         ids, so training is deterministic. Pair counts are updated only for the pieces that
         contain the merged pair, instead of being recounted over the whole text each step.
+        ``verbose=True`` prints each merge as it is learned.
         """
         if allowed_special == "all":
             raise ValueError(
