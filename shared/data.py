@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
 DATA_DIR_ENV_VAR = "LLMS_DATA_DIR"
 
