@@ -63,6 +63,11 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(
+                f"expected input of shape (batch, tokens, {self.qkv.in_features}), got {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) for a single sequence."
+            )
         batch, num_tokens, _ = x.shape
         past = len(cache) if cache is not None else 0
         if past + num_tokens > self.context_length:

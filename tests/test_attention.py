@@ -241,6 +241,13 @@ def test_too_long_input_error_names_the_context_length():
         mha(torch.randn(1, 9, 12))
 
 
+@pytest.mark.parametrize("shape", [(6, 12), (1, 6, 7), (2, 1, 6, 12)])
+def test_input_of_the_wrong_shape_gets_a_clear_error(shape):
+    mha = make_attention(context_length=8)  # d_in 12
+    with pytest.raises(ValueError, match=r"expected input of shape \(batch, tokens, 12\), got"):
+        mha(torch.randn(*shape))
+
+
 @pytest.mark.parametrize("chunks", [[1] * 7, [3, 2, 2], [1, 4, 1, 1], [7]])
 @pytest.mark.parametrize("num_heads", [1, 3])
 def test_cached_chunked_forward_equals_one_full_forward(chunks, num_heads):
