@@ -210,3 +210,17 @@ def test_download_gpt2_fetches_through_the_hf_base_url_override(tmp_path, monkey
 def test_download_gpt2_rejects_unknown_sizes():
     with pytest.raises(ValueError, match="gpt2-tiny"):
         download_gpt2("gpt2-tiny")
+
+
+def test_loaded_model_trains_without_touching_the_checkpoint_file(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    ours = load_hf_gpt2(tmp_path / "hf").train()
+    weight_before = ours.trf_blocks[0].att.qkv.weight.detach().clone()
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
+    ours(batch()).logsumexp(-1).mean().backward()
+    optimizer.step()
+    assert not torch.equal(ours.trf_blocks[0].att.qkv.weight, weight_before)
+    assert ours.out_head.weight is ours.tok_emb.weight  # still tied after the step
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
