@@ -224,3 +224,51 @@ def test_loaded_model_trains_without_touching_the_checkpoint_file(tmp_path):
     assert not torch.equal(ours.trf_blocks[0].att.qkv.weight, weight_before)
     assert ours.out_head.weight is ours.tok_emb.weight  # still tied after the step
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+
+
+def test_published_gpt2_config_translates_to_the_small_preset_with_bias_and_tying():
+    from shared.model import GPT_CONFIGS
+    from shared.weights import config_from_hf
+
+    # The fields of openai-community/gpt2's config.json that matter (others are ignored).
+    published = {
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2",
+        "n_ctx": 1024,
+        "n_embd": 768,
+        "n_head": 12,
+        "n_layer": 12,
+        "n_positions": 1024,
+        "resid_pdrop": 0.1,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+        "vocab_size": 50257,
+    }
+    expected = {
+        **GPT_CONFIGS["gpt2-small"],
+        "qkv_bias": True,
+        "tie_weights": True,
+        "norm": "layernorm",
+        "norm_eps": 1e-5,
+    }
+    assert config_from_hf(published) == expected
+
+
+def test_config_with_an_unsupported_activation_is_refused():
+    from shared.weights import config_from_hf
+
+    config = random_hf_model().config.to_dict()
+    with pytest.raises(CheckpointError, match="relu"):
+        config_from_hf({**config, "activation_function": "relu"})
+
+
+def test_dtype_argument_converts_the_loaded_weights(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_gpt2(tmp_path / "hf", dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    logits = our_logits(ours, batch()).float()
+    assert (logits - hf_logits(hf, batch())).abs().max() < 0.1
