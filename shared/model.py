@@ -1,0 +1,178 @@
+"""The GPT model, the final form built in ch04.
+
+Token and position embeddings, a stack of pre-norm transformer blocks (attention and a
+feed-forward network, each wrapped in a shortcut connection), a final norm and a linear
+output head that turns each position's vector into logits over the vocabulary.
+
+The layout follows GPT-2 piece for piece, so that its published weights load directly
+(see :mod:`shared.weights`) and the logits match Hugging Face's ``GPT2LMHeadModel``.
+
+Configuration is a plain dict with the book's keys::
+
+    vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias
+
+and three optional ones:
+
+    tie_weights  (False) share one matrix between the token embedding and the output head,
+                 as GPT-2 does;
+    norm         ("layernorm") or "rmsnorm";
+    norm_eps     (1e-5) the epsilon of every norm layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shared.attention import KVCache, MultiHeadAttention
+
+# The four GPT-2 sizes. ``qkv_bias`` is False as in the book's ch04 model, which gives the
+# parameter counts the chapter quotes (163,009,536 for gpt2-small); OpenAI's checkpoints do
+# carry query/key/value biases, so ``shared.weights.load_hf_gpt2`` sets it to True.
+_GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
+GPT_CONFIGS = {
+    "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+}
+
+REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+OPTIONAL_KEYS = {"tie_weights": False, "norm": "layernorm", "norm_eps": 1e-5}
+NORMS = ("layernorm", "rmsnorm")
+
+
+def check_config(cfg: dict) -> dict:
+    """Return ``cfg`` with the optional keys filled in; raise ValueError on a bad config."""
+    missing = [key for key in REQUIRED_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"GPT config is missing {missing}; it needs all of {list(REQUIRED_KEYS)}.")
+    unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"GPT config has unknown keys {unknown}; allowed are {list(REQUIRED_KEYS) + list(OPTIONAL_KEYS)}."
+        )
+    cfg = {**OPTIONAL_KEYS, **cfg}
+    if cfg["emb_dim"] % cfg["n_heads"] != 0:
+        raise ValueError(
+            f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']}): "
+            "each head gets emb_dim // n_heads dimensions."
+        )
+    if cfg["norm"] not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {cfg['norm']!r}.")
+    return cfg
+
+
+def make_norm(cfg: dict) -> nn.Module:
+    # torch's fused kernels; the ch04 notebook builds LayerNorm by hand and checks it matches.
+    if cfg["norm"] == "rmsnorm":
+        return nn.RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"])
+    return nn.LayerNorm(cfg["emb_dim"], eps=cfg["norm_eps"])
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand to 4x the width, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, emb_dim: int):
+        super().__init__()
+        self.fc = nn.Linear(emb_dim, 4 * emb_dim)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * emb_dim, emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.gelu(self.fc(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"],
+            num_heads=cfg["n_heads"],
+            qkv_bias=cfg["qkv_bias"],
+        )
+        self.norm2 = make_norm(cfg)
+        self.ff = FeedForward(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """GPT-2-style decoder-only transformer: token ids (batch, tokens) -> logits (batch, tokens, vocab)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg = check_config(cfg)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
+        self.final_norm = make_norm(cfg)
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.reset_parameters()
+        if cfg["tie_weights"]:
+            # One matrix maps ids to vectors and vectors back to logits (GPT-2 does this),
+            # which saves vocab_size * emb_dim parameters.
+            self.out_head.weight = self.tok_emb.weight
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg["context_length"]
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norms.
+
+        The projections that write into the residual stream get a std shrunk by
+        1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+        """
+        residual_std = 0.02 / math.sqrt(2 * self.cfg["n_layers"])
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("att.out_proj", "ff.proj")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def new_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one per block, for :meth:`forward` (see shared.generate)."""
+        return [KVCache() for _ in self.trf_blocks]
+
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        batch, num_tokens = idx.shape
+        # With a cache, the new tokens continue where the cached ones stopped.
+        start = len(cache[0]) if cache else 0
+        if start + num_tokens > self.context_length:
+            raise ValueError(
+                f"{start + num_tokens} tokens exceed the context length of {self.context_length}; "
+                "crop the input to its last context_length tokens."
+            )
+        positions = torch.arange(start, start + num_tokens, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache=cache[i] if cache else None)
+        return self.out_head(self.final_norm(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(cfg: dict) -> GPTModel:
+    """A GPTModel whose tensors have shapes but no storage: free to build, for counting parameters."""
+    with torch.device("meta"):
+        return GPTModel(cfg)

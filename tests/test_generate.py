@@ -1,0 +1,174 @@
+"""generate(): greedy/sampled decoding, the KV cache's exactness, the context window, eos."""
+
+import pytest
+import torch
+
+from shared.generate import generate, generate_text_simple, next_token
+from shared.model import GPTModel
+
+TINY = {
+    "vocab_size": 101,
+    "context_length": 17,
+    "emb_dim": 30,
+    "n_heads": 3,
+    "n_layers": 2,
+    "drop_rate": 0.1,
+    "qkv_bias": True,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return GPTModel(TINY).eval()
+
+
+def prompt(batch, tokens, seed=0):
+    return torch.randint(
+        0, TINY["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cache_gives_the_same_tokens_as_recomputing(model, batch):
+    idx = prompt(batch, 4)
+    cached = generate(model, idx, max_new_tokens=10, use_cache=True)
+    recomputed = generate(model, idx, max_new_tokens=10, use_cache=False)
+    assert cached.shape == (batch, 14)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached[:, :4], idx)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_logits_match_full_recompute_at_every_step(model, batch):
+    idx = prompt(batch, 3)
+    cache = model.new_cache()
+    with torch.no_grad():
+        step_logits = model(idx, cache=cache)[:, -1]
+        for _ in range(12):
+            full_logits = model(idx)[:, -1]
+            torch.testing.assert_close(step_logits, full_logits, atol=1e-5, rtol=0)
+            next_id = step_logits.argmax(-1, keepdim=True)
+            idx = torch.cat((idx, next_id), dim=1)
+            step_logits = model(next_id, cache=cache)[:, -1]
+
+
+@pytest.mark.parametrize("prompt_len", [16, 17, 25])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cache_matches_recompute_at_and_over_the_context_limit(model, prompt_len, batch):
+    # 16: the cache fills up mid-way and must hand over to the sliding window;
+    # 17: the prompt fills the context exactly; 25: the prompt is longer and gets cropped.
+    idx = prompt(batch, prompt_len)
+    cached = generate(model, idx, max_new_tokens=6, use_cache=True)
+    recomputed = generate(model, idx, max_new_tokens=6, use_cache=False)
+    assert cached.shape == (batch, prompt_len + 6)
+    assert torch.equal(cached, recomputed)
+
+
+def test_smaller_context_size_crops_the_window(model):
+    idx = prompt(1, 12)
+    out = generate(model, idx, max_new_tokens=5, context_size=6)
+    assert torch.equal(out, generate(model, idx, max_new_tokens=5, context_size=6, use_cache=False))
+    assert torch.equal(out, generate_text_simple(model, idx, max_new_tokens=5, context_size=6))
+
+
+def test_generate_text_simple_agrees_with_generate(model):
+    idx = prompt(2, 5)
+    simple = generate_text_simple(model, idx, max_new_tokens=15, context_size=TINY["context_length"])
+    assert torch.equal(simple, generate(model, idx, max_new_tokens=15, use_cache=False))
+    assert torch.equal(simple, generate(model, idx, max_new_tokens=15))
+
+
+def test_eos_stops_a_single_row_and_is_kept(model):
+    idx = prompt(1, 4)
+    free = generate(model, idx, max_new_tokens=8)
+    eos = int(free[0, 6])  # the third generated token
+    first = int((free[0, 4:] == eos).nonzero()[0]) + 4
+    out = generate(model, idx, max_new_tokens=8, eos_id=eos)
+    assert torch.equal(out, free[:, : first + 1])
+    assert out[0, -1] == eos
+
+
+def test_eos_with_a_batch_pads_finished_rows_and_stops_when_all_finish(model):
+    idx = prompt(2, 4, seed=3)
+    free = generate(model, idx, max_new_tokens=10)
+    eos = int(free[0, 5])  # row 0 emits it as its second new token
+    out = generate(model, idx, max_new_tokens=10, eos_id=eos)
+    for row in range(2):
+        hits = (free[row, 4:] == eos).nonzero()
+        end = int(hits[0]) + 4 if len(hits) else free.shape[1] - 1
+        # up to and including its first eos, a row is what it would have been without eos_id ...
+        assert torch.equal(out[row, : end + 1], free[row, : end + 1])
+        # ... and everything after is eos
+        assert (out[row, end + 1 :] == eos).all()
+    rows_finished = [(out[row, 4:] == eos).any() for row in range(2)]
+    assert out.shape[1] == 14 or all(rows_finished)
+    if all(rows_finished):  # stopped at the step where the last row finished
+        last_end = max(int((free[row, 4:] == eos).nonzero()[0]) + 4 for row in range(2))
+        assert out.shape[1] == last_end + 1
+
+
+def test_zero_new_tokens_returns_the_prompt(model):
+    idx = prompt(2, 3)
+    assert torch.equal(generate(model, idx, max_new_tokens=0), idx)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    idx = prompt(2, 4)
+    greedy = generate(model, idx, max_new_tokens=8)
+    torch.manual_seed(0)
+    assert torch.equal(generate(model, idx, max_new_tokens=8, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(generate(model, idx, max_new_tokens=8, temperature=1.5, top_p=1e-6), greedy)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_cache_independent(model):
+    idx = prompt(2, 4)
+    torch.manual_seed(42)
+    a = generate(model, idx, max_new_tokens=10, temperature=1.0, top_k=20)
+    torch.manual_seed(42)
+    b = generate(model, idx, max_new_tokens=10, temperature=1.0, top_k=20, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_top_p_only_ever_sample_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    torch.manual_seed(0)
+    assert set(next_token(logits, temperature=1.0, top_k=3).flatten().tolist()) == {0, 1, 2}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...
+    assert probs[0] < 0.8 < probs[:2].sum()
+    assert set(next_token(logits, temperature=1.0, top_p=0.8).flatten().tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"context_size": 18}, "context_size"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
+)
+def test_bad_arguments_raise_value_errors(model, kwargs, message):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt(1, 3), **kwargs)
+
+
+def test_greedy_output_matches_transformers_generate():
+    transformers = pytest.importorskip("transformers")
+    from shared.weights import load_hf_gpt2
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=30, n_layer=2, n_head=3)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_hf_gpt2(folder)
+    idx = prompt(2, 5)
+    expected = hf.generate(
+        idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(generate(ours, idx, max_new_tokens=12), expected)

@@ -1,0 +1,144 @@
+"""GPTModel: shapes, configuration checks, parameter counts, caching, norms."""
+
+import pytest
+import torch
+
+from shared.model import GPT_CONFIGS, GPTModel, build_on_meta, count_parameters
+
+# Odd sizes on purpose: nothing is a power of two, emb_dim divides by the heads.
+TINY = {
+    "vocab_size": 101,
+    "context_length": 19,
+    "emb_dim": 30,
+    "n_heads": 3,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+
+
+def tiny_model(**overrides) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel({**TINY, **overrides}).eval()
+
+
+# The counts ch04 quotes come from the book's config (qkv_bias=False); OpenAI's checkpoints
+# have qkv biases (3 * emb_dim per layer more) and a tied head, which gives the 124,439,808 that
+# Hugging Face reports for gpt2.
+EXPECTED_COUNTS = {
+    # name: (untied, tied, tied with qkv biases)
+    "gpt2-small": (163_009_536, 124_412_160, 124_439_808),
+    "gpt2-medium": (406_212_608, 354_749_440, 354_823_168),
+    "gpt2-large": (838_220_800, 773_891_840, 774_030_080),
+    "gpt2-xl": (1_637_792_000, 1_557_380_800, 1_557_611_200),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_COUNTS))
+def test_preset_parameter_counts_untied_tied_and_with_qkv_bias(name):
+    untied, tied, tied_bias = EXPECTED_COUNTS[name]
+    cfg = GPT_CONFIGS[name]
+    assert count_parameters(build_on_meta(cfg)) == untied
+    assert count_parameters(build_on_meta({**cfg, "tie_weights": True})) == tied
+    assert count_parameters(build_on_meta({**cfg, "tie_weights": True, "qkv_bias": True})) == tied_bias
+
+
+def test_parameter_count_equals_transformers_gpt2_for_the_same_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=101, n_positions=19, n_embd=30, n_layer=2, n_head=3)
+    hf = transformers.GPT2LMHeadModel(config)
+    ours = tiny_model(tie_weights=True)
+    assert count_parameters(ours) == sum(p.numel() for p in hf.parameters())
+
+
+def test_output_is_batch_tokens_vocab_logits():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (4, 7))
+    assert model(idx).shape == (4, 7, TINY["vocab_size"])
+
+
+def test_tied_head_shares_the_token_embedding_matrix():
+    model = tiny_model(tie_weights=True)
+    assert model.out_head.weight is model.tok_emb.weight
+    assert count_parameters(model) == count_parameters(tiny_model()) - TINY["vocab_size"] * TINY["emb_dim"]
+
+
+def test_missing_config_key_raises_a_value_error_naming_it():
+    cfg = {k: v for k, v in TINY.items() if k != "n_heads"}
+    with pytest.raises(ValueError, match="n_heads"):
+        GPTModel(cfg)
+
+
+def test_unknown_config_key_and_bad_norm_raise_value_errors():
+    with pytest.raises(ValueError, match="emb_size"):
+        GPTModel({**TINY, "emb_size": 30})
+    with pytest.raises(ValueError, match="batchnorm"):
+        GPTModel({**TINY, "norm": "batchnorm"})
+
+
+def test_emb_dim_not_divisible_by_heads_raises_with_both_numbers():
+    with pytest.raises(ValueError, match=r"emb_dim \(31\).*n_heads \(3\)"):
+        GPTModel({**TINY, "emb_dim": 31})
+
+
+def test_input_longer_than_context_raises_a_value_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="20 tokens exceed the context length of 19"):
+        model(torch.zeros(1, 20, dtype=torch.long))
+
+
+def test_cached_forward_in_chunks_matches_one_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 19))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache()
+        pieces = [
+            model(idx[:, :5], cache=cache),
+            model(idx[:, 5:6], cache=cache),
+            model(idx[:, 6:], cache=cache),
+        ]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_cache_overflowing_the_context_raises():
+    model = tiny_model()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 19, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="context length"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_rmsnorm_option_swaps_every_norm_and_runs():
+    model = tiny_model(norm="rmsnorm")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * TINY["n_layers"] + 1
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    logits = model(torch.randint(0, TINY["vocab_size"], (1, 5)))
+    assert logits.shape == (1, 5, TINY["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_dropout_acts_in_training_mode_only():
+    model = tiny_model(drop_rate=0.5)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model(idx))
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 8))
+    model(idx).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_residual_projections_start_with_smaller_weights():
+    model = GPTModel({**GPT_CONFIGS["gpt2-small"], "n_layers": 8, "vocab_size": 300, "context_length": 32})
+    block = model.trf_blocks[0]
+    assert block.att.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.ff.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert block.ff.fc.bias.abs().sum() == 0
