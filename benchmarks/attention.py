@@ -17,7 +17,7 @@ Implementations, all holding the same weights (checked to give the same outputs 
 "forward" runs in eval mode under ``torch.no_grad()`` (inference); "forward+backward" runs in
 training mode (dropout 0, so only attention is measured) and backpropagates a sum of the
 outputs. Each time is the median over interleaved rounds after a warm-up. Results go to a
-markdown table on stdout and to JSON (``--json``, default ``benchmarks/results/attention.json``).
+markdown table on stdout and to JSON (``--out``, default ``benchmarks/results/attention.json``).
 The same table is measured on CUDA when a GPU is present.
 """
 
@@ -237,7 +237,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument("--out", type=Path, default=DEFAULT_JSON, help="where to write the results")
     args = parser.parse_args()
 
     config = {
@@ -276,9 +276,9 @@ def main() -> None:
         "gpu": gpu,
         "results": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

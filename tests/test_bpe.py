@@ -2,9 +2,6 @@
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -302,27 +299,3 @@ def test_byte_map_is_printable_and_reversible():
     assert len(set(table.values())) == 256
     assert all(char.isprintable() and not char.isspace() for char in table.values())
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
-
-
-# ---------------------------------------------------------------------------------------
-# The benchmark script
-# ---------------------------------------------------------------------------------------
-
-
-def test_benchmark_runs_in_quick_mode_and_writes_its_fields(tmp_path):
-    out = tmp_path / "tokenizer.json"
-    env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "tokenizer.py"), "--out", str(out)],
-        check=True,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    result = json.loads(out.read_text())
-    assert result["encode"]["ours_mb_per_s"] > 0
-    assert result["encode"]["tiktoken_mb_per_s"] > 0
-    assert result["encode"]["ids_match"] is True
-    assert {row["vocab_size"] for row in result["train"]} == {512, 1000, 4096}
-    assert all(row["seconds"] > 0 for row in result["train"])

@@ -35,7 +35,12 @@ def test_first_code_cell_prints_the_banner(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_ends_with_further_reading(path):
-    headings = [line for cell in _cells(path, "markdown") for line in _source(cell).splitlines() if line.startswith("#")]
+    headings = [
+        line
+        for cell in _cells(path, "markdown")
+        for line in _source(cell).splitlines()
+        if line.startswith("#")
+    ]
     assert any("Further reading" in heading for heading in headings)
 
 
