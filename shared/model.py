@@ -152,7 +152,12 @@ class GPTModel(nn.Module):
         return [KVCache() for _ in self.trf_blocks]
 
     def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        batch, num_tokens = idx.shape
+        if idx.ndim != 2:
+            raise ValueError(
+                f"expected token ids of shape (batch, tokens), got {tuple(idx.shape)}; "
+                "add a batch dimension with idx.unsqueeze(0) for a single sequence."
+            )
+        num_tokens = idx.shape[1]
         # With a cache, the new tokens continue where the cached ones stopped.
         start = len(cache[0]) if cache else 0
         if start + num_tokens > self.context_length:

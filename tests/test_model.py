@@ -87,6 +87,11 @@ def test_input_longer_than_context_raises_a_value_error():
         model(torch.zeros(1, 20, dtype=torch.long))
 
 
+def test_token_ids_without_a_batch_dimension_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"shape \(batch, tokens\), got \(5,\).*unsqueeze\(0\)"):
+        tiny_model()(torch.zeros(5, dtype=torch.long))
+
+
 def test_cached_forward_in_chunks_matches_one_full_forward():
     model = tiny_model()
     idx = torch.randint(0, TINY["vocab_size"], (2, 19))
