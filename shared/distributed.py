@@ -14,6 +14,7 @@ Appendix A's ``ddp_train.py`` uses it for a toy network; ch05's multi-GPU pretra
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -132,10 +133,20 @@ def distributed_session(timeout: timedelta = timedelta(minutes=5)) -> Iterator[D
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
         yield DistributedInfo(rank, local_rank, world_size, backend, device)
-    finally:
-        # Leaving without this leaks the group's threads and sockets, and newer torch warns.
+    except BaseException:
+        # Leave at once: waiting for the other processes could hang if they are stuck in a
+        # collective this one will never join (torchrun stops them when this one fails).
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    # A clean exit, in order: free objects that still hold the group (DDP's reducer sits in
+    # reference cycles that only the garbage collector breaks), wait until every process has
+    # finished its collectives, then release the group's threads and sockets. Tearing down
+    # while a peer is mid-collective, or with the reducer freed after the group at interpreter
+    # exit, can abort the process after training has already succeeded.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def current_rank() -> int:
