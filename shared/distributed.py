@@ -45,11 +45,6 @@ class DistributedInfo:
     backend: str
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 does the talking: printing, saving checkpoints, writing logs."""
-        return self.rank == 0
-
 
 def choose_backend(device: torch.device) -> str:
     """``nccl`` for CUDA GPUs (fast GPU-to-GPU transfers), ``gloo`` for everything else.
