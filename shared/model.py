@@ -103,8 +103,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -151,7 +153,23 @@ class GPTModel(nn.Module):
         """An empty key/value cache, one per block, for :meth:`forward` (see shared.generate)."""
         return [KVCache() for _ in self.trf_blocks]
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for token ids ``idx`` (batch, tokens).
+
+        ``cache``: the blocks' key/value caches (see :meth:`new_cache`); ``idx`` then holds only
+        the tokens after the cached ones.
+
+        ``attention_mask`` (batch, cached + new tokens), 1 for real tokens and 0 for padding, is
+        for sequences padded on the left (ch07 batches prompts of different lengths this way).
+        Each row's positions then count its real tokens only, so its first real token is at
+        position 0 exactly as without padding, and no token attends to padding. Without a mask
+        every position is real.
+        """
         if idx.ndim != 2:
             raise ValueError(
                 f"expected token ids of shape (batch, tokens), got {tuple(idx.shape)}; "
@@ -165,10 +183,21 @@ class GPTModel(nn.Module):
                 f"{start + num_tokens} tokens exceed the context length of {self.context_length}; "
                 "crop the input to its last context_length tokens."
             )
-        positions = torch.arange(start, start + num_tokens, device=idx.device)
+        if attention_mask is None:
+            positions = torch.arange(start, start + num_tokens, device=idx.device)
+            key_padding_mask = None
+        else:
+            if tuple(attention_mask.shape) != (idx.shape[0], start + num_tokens):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new tokens) = "
+                    f"{(idx.shape[0], start + num_tokens)}, got {tuple(attention_mask.shape)}."
+                )
+            key_padding_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+            # A row's position counts its real tokens so far; padding sits at position 0.
+            positions = (key_padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache[i] if cache else None)
+            x = block(x, cache=cache[i] if cache else None, key_padding_mask=key_padding_mask)
         return self.out_head(self.final_norm(x))
 
 
