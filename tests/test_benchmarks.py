@@ -65,3 +65,16 @@ def test_model_benchmark_reports_training_and_generation(tmp_path):
     generation = {r["model"]: r for r in result["generation"]["rows"]}
     assert {"ours (KV cache)", "ours (no cache)", "hf generate (cache)"} <= set(generation)
     assert result["generation"]["hf_same_tokens"] is True
+
+
+def test_generate_responses_benchmark_reports_each_share_with_the_same_tokens(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    report, stdout = run_benchmark("generate_responses", tmp_path)
+    assert "| run |" in stdout
+    assert report["benchmark"] == "generate_responses" and report["quick"] is True
+    runs = {row["run"]: row for row in report["results"]}
+    assert len(runs) == 4 and any(name.startswith("book") for name in runs)
+    for row in runs.values():
+        assert row["seconds"] > 0 and row["speedup_vs_book"] > 0
+        assert row["same_tokens"] is True  # every approach generates exactly the same tokens
+    assert all(value > 0 for value in report["shares"].values())
