@@ -16,7 +16,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
 - ``shared.classification`` (ch06): the spam classifier: dataset, head, training and evaluation
-- ``shared.instruction`` (ch07): instruction prompts, padding-aware batching, finetuning
+- ``shared.instruction`` (ch07): format_input, InstructionDataset, collate_fn, generate_responses, rouge_l, response_perplexity, make_judge, score_responses, parse_score
 - ``shared.distributed`` (appendix_A): distributed_session, launch_torchrun, print_main, mean_across_processes, unwrap
 """
 

@@ -203,6 +203,84 @@ def collate_fn(
 
 
 # ---------------------------------------------------------------------------------------
+# The model to finetune
+# ---------------------------------------------------------------------------------------
+
+# A stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode: GPT-2's
+# vocabulary and layout, but tiny, randomly initialised, and so knowing no English at all.
+SMALL_MODEL_CONFIG = {
+    "vocab_size": 50257,
+    "context_length": 256,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+    "tie_weights": True,
+}
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> torch.nn.Module:
+    """Set every dropout rate in ``model`` (the book finetunes GPT-2 with dropout 0)."""
+    from shared.attention import MultiHeadAttention
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = rate
+    if isinstance(getattr(model, "cfg", None), dict):
+        model.cfg["drop_rate"] = rate
+    return model
+
+
+class BaseModel(NamedTuple):
+    """The model to finetune, a line that says which one it is, and whether it was pretrained."""
+
+    model: torch.nn.Module
+    description: str
+    pretrained: bool
+
+
+# The tiny random model learns nothing at GPT-2's finetuning rate of 5e-5 in a few steps.
+SMALL_MODEL_LR = 1e-3
+PRETRAINED_LR = 5e-5
+
+
+def load_base_model(
+    size: str = "gpt2-medium", model_dir=None, small: bool = False, seed: int = 123
+) -> BaseModel:
+    """The model to finetune (see :class:`BaseModel`).
+
+    - ``model_dir``: a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``);
+    - ``small=True`` (quick mode): the tiny random :data:`SMALL_MODEL_CONFIG` model;
+    - otherwise OpenAI's GPT-2 of ``size``, downloaded once into the data directory. When that
+      fails (no network), the tiny random model instead, said so clearly, rather than an error.
+
+    Dropout is set to 0, as the book does for finetuning.
+    """
+    from shared.model import GPTModel
+    from shared.utils import set_seed
+    from shared.weights import download_gpt2, load_hf_gpt2
+
+    if model_dir is not None:
+        return BaseModel(
+            set_dropout(load_hf_gpt2(model_dir), 0.0), f"GPT-2 checkpoint from {model_dir}", True
+        )
+    if not small:
+        try:
+            model = load_hf_gpt2(download_gpt2(size))
+            return BaseModel(set_dropout(model, 0.0), f"OpenAI's pretrained {size}", True)
+        except (OSError, RuntimeError) as error:  # DownloadError is a RuntimeError
+            first_line = str(error).splitlines()[0]
+            print(f"Could not get {size} ({first_line}); using the tiny random stand-in model instead.")
+    set_seed(seed)
+    model = GPTModel(SMALL_MODEL_CONFIG)
+    description = "a TINY RANDOMLY INITIALISED stand-in (2 layers, 64 dims), not GPT-2: it knows no English"
+    return BaseModel(model, description, False)
+
+
+# ---------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------
 
@@ -561,12 +639,16 @@ class Judge:
         body = self._request(self.base_url + self.endpoint, json.dumps(self.payload(prompt)).encode())
         return self.reply_text(body)
 
-    def check(self) -> str | None:
-        """None when the server answers, else a message saying why not and how to start one."""
+    def check(self, timeout: float = 3.0) -> str | None:
+        """None when the server answers (one quick try), else a message saying why not and how to start one."""
+        saved = self.attempts, self.timeout
+        self.attempts, self.timeout = 1, min(timeout, self.timeout)
         try:
             self._request(self.base_url + self.probe_endpoint, None)
         except JudgeError as error:
             return str(error)
+        finally:
+            self.attempts, self.timeout = saved
         return None
 
 

@@ -473,3 +473,77 @@ def test_batch_scoring_with_the_server_down_leaves_everything_unscored():
     report = score_responses(entries, make_judge(f"http://127.0.0.1:{closed_port()}", **FAST))
     assert report.scores == [None, None] and report.average is None
     assert all("cannot reach" in e for e in report.errors)
+
+
+# ---------------------------------------------------------------------------------------
+# Finetuning and the scripts
+# ---------------------------------------------------------------------------------------
+
+
+def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from shared.instruction import SMALL_MODEL_LR, load_base_model
+    from shared.train import calc_loss_loader, make_optimizer, train_model
+
+    entries = [ENTRY_WITH_INPUT, ENTRY_WITHOUT_INPUT] * 8
+    model, _, pretrained = load_base_model(small=True)
+    assert not pretrained
+    collate = functools.partial(collate_fn, allowed_max_length=64)
+    train_loader = DataLoader(
+        InstructionDataset(entries, gpt2_tokenizer), batch_size=4, shuffle=True, collate_fn=collate
+    )
+    val_loader = DataLoader(InstructionDataset(entries[:2], gpt2_tokenizer), batch_size=2, collate_fn=collate)
+    before = calc_loss_loader(val_loader, model, "cpu")
+    optimizer = make_optimizer(model, lr=SMALL_MODEL_LR, weight_decay=0.1)
+    history = train_model(
+        model, train_loader, val_loader, optimizer, "cpu", 1, eval_freq=2, eval_iter=1, progress=False
+    )
+    after = calc_loss_loader(val_loader, model, "cpu")
+    assert after < before - 0.5, (before, after)
+    assert history.val_losses[-1] < history.val_losses[0]
+
+
+def load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "ch07" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_scores_offline_and_with_a_judge(judge_server, tmp_path, capsys):
+    evaluate = load_script("evaluate_responses")
+    entries = [
+        {**ENTRY_WITH_INPUT, "model_response": "The fish was eaten by the cat."},
+        {**ENTRY_WITHOUT_INPUT, "model_response": "Blue."},
+    ]
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(entries))
+    judge_server.reply = "90"
+    assert evaluate.main([str(path), "--judge-url", url_of(judge_server)]) == 0
+    report = json.loads((tmp_path / "responses-report.json").read_text())
+    assert report["rouge_l"] == pytest.approx(0.5) and report["exact_match"] == pytest.approx(0.5)
+    assert report["judge"]["average"] == 90 and report["judge"]["unscored"] == 0
+    assert "90-100 | ####" in capsys.readouterr().out
+
+    # No server: offline metrics still written, exit code 2, and how to start a judge.
+    out = tmp_path / "report.json"
+    assert (
+        evaluate.main([str(path), "--judge-url", f"http://127.0.0.1:{closed_port()}", "--out", str(out)]) == 2
+    )
+    assert json.loads(out.read_text())["rouge_l"] == pytest.approx(0.5)
+    assert "ollama serve" in capsys.readouterr().out
+
+
+def test_evaluate_script_explains_a_missing_response_key(tmp_path):
+    evaluate = load_script("evaluate_responses")
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([ENTRY_WITH_INPUT]))
+    with pytest.raises(SystemExit, match="model_response"):
+        evaluate.main([str(path)])
