@@ -356,8 +356,8 @@ def generate_batch_ids(
     return generated
 
 
-def _strip_response(text: str) -> str:
-    """The answer alone: without surrounding whitespace or a response header the model wrote itself."""
+def clean_response(text: str) -> str:
+    """The answer alone: without surrounding whitespace or a leading response header the model wrote itself."""
     text = text.strip()
     for header in RESPONSE_HEADERS.values():
         label = header.strip()
@@ -416,7 +416,7 @@ def generate_responses(
                 model, [encoded[i] for i in rows], max_new_tokens, eos_id, temperature, top_k
             )
             for i, ids in zip(rows, new_ids, strict=True):
-                responses[i] = _strip_response(tokenizer.decode(ids))
+                responses[i] = clean_response(tokenizer.decode(ids))
         return responses
     finally:
         model.train(was_training)
