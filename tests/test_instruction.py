@@ -210,6 +210,26 @@ def test_padded_forward_matches_unpadded_logits():
         torch.testing.assert_close(padded[1], model(long)[0])
 
 
+def test_without_a_mask_attention_stays_on_the_mask_free_causal_kernel(monkeypatch):
+    import shared.attention
+
+    calls = []
+    real_sdpa = shared.attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append((kwargs.get("is_causal", False), kwargs.get("attn_mask") is not None))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(shared.attention.F, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny_model(vocab_size=20)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+        assert calls and all(causal and not mask for causal, mask in calls)
+        calls.clear()
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
+        assert calls and all(mask for _, mask in calls)
+
+
 def test_generate_responses_equals_one_at_a_time_text_in_prompt_order(gpt2_tokenizer):
     model = tiny_model()
     model.train()  # generate_responses must switch dropout off itself and restore the mode
@@ -547,3 +567,33 @@ def test_evaluate_script_explains_a_missing_response_key(tmp_path):
     path.write_text(json.dumps([ENTRY_WITH_INPUT]))
     with pytest.raises(SystemExit, match="model_response"):
         evaluate.main([str(path)])
+
+
+def test_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(monkeypatch, capsys):
+    import shared.weights
+    from shared.download import DownloadError
+    from shared.instruction import SMALL_MODEL_CONFIG, load_base_model
+
+    def offline(*args, **kwargs):
+        raise DownloadError("Could not download model.safetensors. Tried: ... (offline)")
+
+    monkeypatch.setattr(shared.weights, "download_gpt2", offline)
+    model, description, pretrained = load_base_model("gpt2-medium")
+    assert not pretrained and "TINY" in description
+    assert model.cfg["emb_dim"] == SMALL_MODEL_CONFIG["emb_dim"]
+    assert "Could not get gpt2-medium" in capsys.readouterr().out
+
+
+def test_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
+    from shared.instruction import load_base_model
+    from shared.weights import save_hf_gpt2
+
+    original = tiny_model(vocab_size=20)
+    save_hf_gpt2(original, tmp_path / "ckpt")
+    model, description, pretrained = load_base_model(model_dir=tmp_path / "ckpt")
+    assert pretrained and "ckpt" in description
+    assert model.cfg["drop_rate"] == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), original(ids))
