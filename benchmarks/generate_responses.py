@@ -115,7 +115,15 @@ def main(argv=None):
         default=SLOW_PROMPTS,
         help=f"prompts the runs without a cache answer, scaled to all (default {SLOW_PROMPTS})",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 on a crowded machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}")
 
     tokenizer = get_gpt2_tokenizer()
