@@ -597,3 +597,17 @@ def test_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), original(ids))
+
+
+def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, monkeypatch):
+    from shared.weights import load_hf_gpt2
+
+    finetune = load_script("finetune_instructions")
+    monkeypatch.setattr(finetune, "QUICK_SIZES", {"train": 16, "val": 8, "test": 3, "max_new_tokens": 4})
+    report = finetune.main(["--quick", "--epochs", "1", "--eval-iter", "1", "--out-dir", str(tmp_path)])
+    assert report["val_loss_after"] < report["val_loss_before"]
+    assert "TINY" in report["model"] and report["settings"]["lr"] == 1e-3
+    responses = json.loads((tmp_path / "test-responses.json").read_text())
+    assert len(responses) == 3 and all(isinstance(e["model_response"], str) for e in responses)
+    assert load_hf_gpt2(tmp_path / "model").cfg["emb_dim"] == 64
+    assert json.loads((tmp_path / "finetune-report.json").read_text())["train_seconds"] > 0
