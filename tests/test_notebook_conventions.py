@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted(p for p in ROOT.glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+# Every notebook in the repository, at any depth; hidden folders (.git, .venv, .ipynb_checkpoints)
+# and build outputs are not the course's.
+NOTEBOOKS = sorted(
+    p
+    for p in ROOT.rglob("*.ipynb")
+    if not any(
+        part.startswith(".") or part == "build" or part.endswith(".egg-info")
+        for part in p.relative_to(ROOT).parts
+    )
+)
 # A chapter's main notebook is named after its folder (ch03/ch03.ipynb, appendix_A/appendix_A.ipynb);
 # bonus notebooks (ch02/bpe-from-scratch.ipynb) and solutions notebooks are not chapter notebooks.
 CHAPTER_NOTEBOOKS = [
@@ -53,6 +62,10 @@ def test_notebook_ends_with_further_reading(path):
     assert any("Further reading" in heading for heading in _headings(path))
 
 
+def test_chapter_notebooks_are_found():
+    assert {"ch03/ch03.ipynb", "ch04/ch04.ipynb"} <= set(_ids(CHAPTER_NOTEBOOKS))
+
+
 @pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=_ids(CHAPTER_NOTEBOOKS))
 def test_chapter_notebook_has_exercises_before_further_reading(path):
     headings = _headings(path)
@@ -80,10 +93,14 @@ def test_notebook_is_executed_by_ci(path, pytestconfig):
     # in a folder that norecursedirs skips, would never be executed.
     relative = path.relative_to(ROOT)
     testpaths = pytestconfig.getini("testpaths")
-    assert any(relative.is_relative_to(testpath) for testpath in testpaths), f"{relative} is not under {testpaths}"
+    assert any(relative.is_relative_to(testpath) for testpath in testpaths), (
+        f"{relative} is not under {testpaths}"
+    )
     skipped = pytestconfig.getini("norecursedirs")
     for folder in relative.parent.parts:
-        assert not any(Path(folder).match(pattern) for pattern in skipped), f"{relative} sits in a skipped folder"
+        assert not any(Path(folder).match(pattern) for pattern in skipped), (
+            f"{relative} sits in a skipped folder"
+        )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
