@@ -69,7 +69,7 @@ def test_chapter_notebooks_are_found():
 @pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=_ids(CHAPTER_NOTEBOOKS))
 def test_chapter_notebook_has_exercises_before_further_reading(path):
     headings = _headings(path)
-    exercises = [i for i, h in enumerate(headings) if re.match(r"#+\s*Exercises\b", h)]
+    exercises = [i for i, h in enumerate(headings) if re.match(r"#+\s*(\d+\.\s*)?Exercises\b", h)]
     reading = [i for i, h in enumerate(headings) if "Further reading" in h]
     assert exercises, f"{path.name} needs an '## Exercises' section"
     assert reading and exercises[0] < reading[-1], "Exercises come before Further reading"
