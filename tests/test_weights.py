@@ -1,10 +1,7 @@
 """shared.weights against transformers' GPT-2: load, export, both key layouts, errors, download."""
 
-import functools
-import http.server
 import json
 import re
-import threading
 
 import pytest
 import torch
@@ -247,24 +244,15 @@ def test_rmsnorm_model_cannot_be_exported(tmp_path):
         save_hf_gpt2(GPTModel({**cfg, "norm": "rmsnorm"}), tmp_path / "x")
 
 
-def test_download_gpt2_fetches_through_the_hf_base_url_override(tmp_path, monkeypatch):
+def test_download_gpt2_fetches_through_the_hf_base_url_override(tmp_path, monkeypatch, serve_folder):
     # A local HTTP server plays the hub, serving a tiny checkpoint at the hub's paths.
     mirror = tmp_path / "mirror"
     repo = mirror / "openai-community" / "gpt2" / "resolve" / "main"
     hf = random_hf_model()
     hf.save_pretrained(repo)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("LLMS_HF_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
-        folder = download_gpt2("gpt2-small", progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    monkeypatch.setenv("LLMS_HF_BASE_URL", serve_folder(mirror))
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
+    folder = download_gpt2("gpt2-small", progress=False)
     assert folder == tmp_path / "data" / "gpt2-small"
     ours = load_hf_gpt2(folder)
     idx = batch()
