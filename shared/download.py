@@ -6,7 +6,8 @@
   override (``LLMS_GITHUB_BASE_URL``, ``LLMS_UCI_BASE_URL``, ``LLMS_OPENAI_BASE_URL``,
   ``LLMS_HF_BASE_URL``) for learners behind a firewall that blocks it: point the variable at
   a mirror that serves the same paths.
-- :func:`safe_extract_zip` refuses members that would land outside the target folder.
+- :func:`safe_extract_zip` refuses members that would land outside the target folder, or
+  that are a file in one place and a folder in another, before writing anything.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def download(
                 return dest
             except (ChecksumError, OSError, http.client.HTTPException, ValueError) as error:
                 # OSError covers URLError, HTTPError, timeouts and resets; ValueError a malformed URL.
-                last_try = attempt == retries or isinstance(error, (ChecksumError, ValueError))
+                last_try = attempt >= retries or isinstance(error, (ChecksumError, ValueError))
                 if last_try or _is_permanent(error):
                     failures.append((source, error))
                     break
@@ -256,7 +257,7 @@ def download(
         f"  {dest}\n"
         + (f"(its sha256 must be {sha256}), " if sha256 else "")
         + (f"{hint}, " if hint else "")
-        + f"or point one of {overrides} at a mirror. See 'Offline and behind a firewall' in README.md."
+        + f"or point one of {overrides} at a mirror. See 'Data, offline use and firewalls' in README.md."
     )
     error_type = ChecksumError if any(isinstance(e, ChecksumError) for _, e in failures) else DownloadError
     raise error_type(f"Could not download {dest.name}. Tried:\n{tried}\n{advice}")

@@ -102,6 +102,12 @@ def test_unreachable_server_gives_clear_offline_error(closed_port_url, tmp_path)
     assert _leftovers(tmp_path) == []
 
 
+def test_zero_retries_still_tries_once_and_reports_the_url(closed_port_url, tmp_path):
+    url = f"{closed_port_url}/file.txt"
+    with pytest.raises(download.DownloadError, match=f"- {url}: unreachable"):
+        download.download(url, tmp_path / "file.txt", retries=0, progress=False)
+
+
 def test_server_that_never_answers_times_out_instead_of_hanging(silent_server_url, tmp_path):
     with pytest.raises(download.DownloadError, match="timed out"):
         download.download(
