@@ -132,7 +132,8 @@ class _Progress:
     """
 
     def __init__(self, name: str, total: int | None, enabled: bool):
-        self.name, self.total, self.enabled = name, total, enabled
+        self.name, self.total = name, total
+        self.enabled = enabled and sys.stderr is not None  # pythonw and some services have no stderr
         self.received = 0
         self.started = self.last_shown = time.monotonic()
         self.width = 0
