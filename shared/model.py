@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -46,9 +46,7 @@ GPT_CONFIGS = {
 }
 
 
-class GPTConfig(TypedDict):
-    """The keys of a GPT config. Learners write plain dicts; this type documents them."""
-
+class _RequiredGPTConfig(TypedDict):
     vocab_size: int
     context_length: int
     emb_dim: int
@@ -56,9 +54,18 @@ class GPTConfig(TypedDict):
     n_layers: int
     drop_rate: float
     qkv_bias: bool
-    tie_weights: NotRequired[bool]
-    norm: NotRequired[Literal["layernorm", "rmsnorm"]]
-    norm_eps: NotRequired[float]
+
+
+class GPTConfig(_RequiredGPTConfig, total=False):
+    """The keys of a GPT config. Learners write plain dicts; this type documents them.
+
+    The book's seven keys are required; the three below are optional (``total=False``, which
+    works on Python 3.10, where ``typing.NotRequired`` does not exist yet).
+    """
+
+    tie_weights: bool
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
 
 
 REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
