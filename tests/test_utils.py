@@ -23,6 +23,14 @@ def test_quick_mode_is_off_when_unset(monkeypatch):
     assert not utils.is_quick()
 
 
+@pytest.mark.parametrize("value", ["maybe", "2", "ture", "quick"])
+def test_quick_mode_refuses_an_unknown_spelling_and_lists_the_accepted_ones(monkeypatch, value):
+    monkeypatch.setenv("LLMS_QUICK", value)
+    with pytest.raises(ValueError, match=f"LLMS_QUICK='{value}' is neither on nor off") as caught:
+        utils.is_quick()
+    assert "1, true, yes, on" in str(caught.value) and "0, false, no, off" in str(caught.value)
+
+
 def _fake_accelerators(monkeypatch, cuda: bool, mps: bool):
     monkeypatch.delenv("LLMS_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -43,6 +51,21 @@ def test_device_can_be_forced_by_argument_or_environment(monkeypatch):
     assert utils.get_device("cpu").type == "cpu"
     monkeypatch.setenv("LLMS_DEVICE", "cpu")
     assert utils.get_device().type == "cpu"
+
+
+@pytest.mark.parametrize("value", ["cuda", "mps", "banana", "cuda:0"])
+def test_device_that_this_machine_lacks_is_refused_naming_the_variable(monkeypatch, value):
+    _fake_accelerators(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setenv("LLMS_DEVICE", value)
+    with pytest.raises(ValueError, match=f"LLMS_DEVICE='{value}'") as caught:
+        utils.get_device()
+    assert "available: cpu" in str(caught.value)
+
+
+def test_device_argument_that_this_machine_lacks_is_refused(monkeypatch):
+    _fake_accelerators(monkeypatch, cuda=False, mps=True)
+    with pytest.raises(ValueError, match=r"get_device\('cuda'\).*available: mps, cpu"):
+        utils.get_device("cuda")
 
 
 def test_set_seed_makes_random_tensors_repeat():
