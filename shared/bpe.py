@@ -14,6 +14,7 @@ import regex
 
 from shared import data
 from shared.tokenizer import END_OF_TEXT
+from shared.utils import atomic_path
 
 # GPT-2's pre-tokenisation: contractions, runs of letters, runs of digits, runs of other
 # symbols (each optionally led by one space), then whitespace. Merges never cross these
@@ -340,7 +341,8 @@ class BPETokenizer:
             ],
             "special_tokens": self.special_tokens,
         }
-        path.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
         return path
 
     @classmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from shared.utils import atomic_path, temp_path_beside
 
 # ---------------------------------------------------------------------------------------
 # Hosts and their mirrors
@@ -101,21 +102,6 @@ def _cannot_write(dest: Path, error: OSError) -> DestinationError:
     )
 
 
-def _open_temp_beside(target: Path) -> tuple[int, Path]:
-    """A new, empty temporary file in ``target``'s folder, opened for writing.
-
-    ``tempfile.mkstemp`` would always give mode 0600; this file gets the mode the user's umask
-    gives any new file, so a data directory shared by a group stays readable by the group.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # another name clashed (vanishingly rare): draw again
-            continue
-
-
 def _format_size(num_bytes: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if num_bytes >= size:
@@ -167,12 +153,12 @@ def _fetch_once(url: str, dest: Path, sha256: str | None, timeout: float, progre
     """Stream ``url`` into a temporary file beside ``dest``; rename only when complete and verified."""
     request = urllib.request.Request(url, headers={"User-Agent": "llm-course/0.1"})
     try:
-        fd, tmp = _open_temp_beside(dest)
+        tmp = temp_path_beside(dest)
     except OSError as error:
         raise _cannot_write(dest, error) from error
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             expected_size = int(response.headers.get("Content-Length") or 0) or None
             with _Progress(dest.name, expected_size, progress) as bar:
                 for block in iter(lambda: response.read(1 << 16), b""):
@@ -332,12 +318,7 @@ def safe_extract_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike) ->
                 continue
             target = dest_dir / member.filename
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _open_temp_beside(target)
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-                    shutil.copyfileobj(src, out)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_path(target) as tmp, open(tmp, "wb") as out, zf.open(member) as src:
+                shutil.copyfileobj(src, out)
             extracted.append(target)
     return extracted

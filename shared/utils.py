@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import random
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -110,3 +114,42 @@ def banner() -> None:
         "mode": f"quick ({QUICK_ENV_VAR}=1)" if is_quick() else "full",
     }
     print(" | ".join(f"{key}: {value}" for key, value in facts.items()))
+
+
+def temp_path_beside(target: str | os.PathLike) -> Path:
+    """Create a new, empty temporary file in ``target``'s folder and return its path.
+
+    Its name starts with a dot and ends in ``.part``. ``tempfile.mkstemp`` would always give mode
+    0600; this file gets the mode the user's umask gives any new file, so a data directory
+    shared by a group stays readable by the group.
+    """
+    target = Path(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # another name clashed (vanishingly rare): draw again
+            continue
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Write ``target`` all at once or not at all.
+
+    Yields a temporary path beside ``target``; write the file there. When the block ends without
+    an error the temporary file is renamed onto ``target`` (an atomic step on one file system),
+    otherwise it is deleted and ``target`` keeps its old content::
+
+        with atomic_path("model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

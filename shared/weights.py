@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from shared.data import data_dir
 from shared.download import download, host_url
 from shared.model import GPTConfig, GPTModel, build_on_meta, check_config
+from shared.utils import atomic_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -348,8 +349,12 @@ def save_hf_gpt2(model: GPTModel, path: str | os.PathLike) -> Path:
         tensor = tensor.detach().to("cpu")
         tensors[hf_name] = (tensor.t() if transposed else tensor).contiguous()
 
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    # Each file is written under a temporary name and renamed, so a crash never leaves a
+    # half-written file that a later load would trip over.
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
     return folder
 
 

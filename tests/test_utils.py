@@ -84,3 +84,32 @@ def test_banner_prints_versions_device_and_mode(monkeypatch, capsys):
     monkeypatch.delenv("LLMS_QUICK")
     utils.banner()
     assert "mode: full" in capsys.readouterr().out
+
+
+def test_atomic_path_replaces_the_file_only_when_the_block_succeeds(tmp_path):
+    from shared.utils import atomic_path
+
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # the temporary file is gone
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_path_files_follow_the_umask(tmp_path):
+    import os
+
+    from shared.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "shared.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
