@@ -26,28 +26,22 @@ benchmarks/results/generate_responses.json. ``LLMS_QUICK=1`` shrinks everything 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS_DIR, describe, environment, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
+from shared.data import load_instruction_data
+from shared.generate import generate
+from shared.instruction import format_prompt, generate_batch_ids, split_entries
+from shared.model import GPT_CONFIGS, GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.utils import by_mode
 
-from shared.data import load_instruction_data  # noqa: E402
-from shared.generate import generate  # noqa: E402
-from shared.instruction import format_prompt, generate_batch_ids, split_entries  # noqa: E402
-from shared.model import GPT_CONFIGS, GPTModel  # noqa: E402
-from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from shared.utils import by_mode, is_quick  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "generate_responses.json"
+RESULTS = RESULTS_DIR / "generate_responses.json"
 
 CFG = by_mode(
     full={**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "drop_rate": 0.0},
@@ -105,9 +99,7 @@ def book_model_from_ours(ours: GPTModel):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS})")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
     parser.add_argument(
         "--slow-prompts",
@@ -124,7 +116,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}")
+    record = environment()
+    print(describe(record))
 
     tokenizer = get_gpt2_tokenizer()
     _, test, _ = split_entries(load_instruction_data())
@@ -232,30 +225,17 @@ def main(argv=None):
     print("\nshares: " + ", ".join(f"{k}: {'-' if v is None else f'{v:.1f}x'}" for k, v in shares.items()))
 
     result = {
-        "benchmark": "generate_responses",
-        "quick": is_quick(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or "unknown",
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
-        "torch": torch.__version__,
         "config": CFG,
         "num_prompts": len(prompts),
         "prompt_tokens": lengths,
         "new_tokens": NEW_TOKENS,
         "slow_prompts": slow,
         "rounds": args.rounds,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "results": rows,
         "shares": shares,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_report(args.out, "generate_responses", record, result)
 
 
 if __name__ == "__main__":

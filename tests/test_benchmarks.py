@@ -109,7 +109,7 @@ def test_generate_responses_benchmark_reports_each_share_with_the_same_tokens(tm
     pytest.importorskip("llms_from_scratch")
     report, stdout = run_benchmark("generate_responses", tmp_path)
     assert "| run |" in stdout
-    assert report["benchmark"] == "generate_responses" and report["quick"] is True
+    assert report["benchmark"] == "generate_responses" and report["environment"]["quick"] is True
     runs = {row["run"]: row for row in report["results"]}
     assert len(runs) == 4 and any(name.startswith("book") for name in runs)
     for row in runs.values():
