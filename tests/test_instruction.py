@@ -440,12 +440,10 @@ def test_malformed_json_is_reported(judge_server):
 
 
 def test_a_hanging_server_times_out(judge_server):
-    judge_server.mode = "hang"
+    judge_server.mode = "hang"  # the server answers only after 1.5 s
     judge = make_judge(url_of(judge_server), timeout=0.2, attempts=1, backoff=0.0)
-    start = time.monotonic()
-    with pytest.raises(JudgeError, match="within 0.2 s"):
+    with pytest.raises(JudgeError, match="no answer .* within 0.2 s"):
         judge.ask("x")
-    assert time.monotonic() - start < 1.4  # it gave up before the server answered
 
 
 def closed_port() -> int:
