@@ -382,6 +382,34 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
+def run_step(
+    model, optimizer, schedule, sampler, step: int, *, seed: int, rank: int, grad_accum: int,
+    grad_clip: float, params, device, autocast, ddp: bool,
+) -> torch.Tensor:  # fmt: skip
+    """One optimizer step: ``grad_accum`` micro-batches of this step's windows; returns the mean loss (on the device).
+
+    The dropout seed and the windows are functions of ``(seed, step, rank)``, so the step does
+    the same thing whether or not the run was interrupted before it.
+    """
+    torch.manual_seed(step_seed(seed, step, rank))
+    schedule.apply(step)
+    total = None
+    for micro in range(grad_accum):
+        inputs, targets = sampler.batch(step, micro)
+        # Under DDP only the last micro-batch needs the gradient all-reduce.
+        sync = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast():
+                loss = calc_loss_batch(inputs, targets, model, device) / grad_accum
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def train(args, info) -> dict | None:
     rank, world_size = info.rank, info.world_size
     device = info.device if world_size > 1 else get_device(args.device)
@@ -427,6 +455,8 @@ def train(args, info) -> dict | None:
         remove_stale_temporaries(checkpoint_dir)
     if args.out and rank == 0:
         check_writable(Path(args.out), "output folder")
+        for stale in Path(args.out).glob(".pretrain-out.*"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
     chosen = [None]
     if args.resume and rank == 0:
         chosen = [choose_checkpoint(checkpoint_dir, identity)]
@@ -459,23 +489,11 @@ def train(args, info) -> dict | None:
     tick = time.perf_counter()
     while history.global_step < args.max_steps:
         step = history.global_step
-        torch.manual_seed(step_seed(args.seed, step, rank))
-        schedule.apply(step)
-        for micro in range(args.grad_accum):
-            inputs, targets = sampler.batch(step, micro)
-            last = micro == args.grad_accum - 1
-            # Under DDP only the last micro-batch needs the gradient all-reduce.
-            sync = model.no_sync() if world_size > 1 and not last else nullcontext()
-            with sync:
-                with autocast():
-                    loss = calc_loss_batch(inputs, targets, model, device) / args.grad_accum
-                loss.backward()
-            detached = loss.detach()
-            running_loss = detached if running_loss is None else running_loss + detached
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = run_step(
+            model, optimizer, schedule, sampler, step, seed=args.seed, rank=rank, grad_accum=args.grad_accum,
+            grad_clip=args.grad_clip, params=params, device=device, autocast=autocast, ddp=world_size > 1,
+        )  # fmt: skip
+        running_loss = loss if running_loss is None else running_loss + loss
         history.lrs.append(optimizer.param_groups[0]["lr"])
         history.global_step += 1
         running_steps += 1
