@@ -63,6 +63,7 @@ from shared.corpus import (  # noqa: E402
     prepare_corpus,
     read_windows,
 )
+from shared.data import data_dir  # noqa: E402
 from shared.distributed import distributed_session, print_main  # noqa: E402
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
 from shared.train import TrainHistory, WarmupCosine, calc_loss_batch, make_optimizer  # noqa: E402
@@ -108,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="a UTF-8 text file or a folder of .txt files")
-    data.add_argument("--prepared-dir", help="where the tokenised corpus goes (default: <data>.tokens)")
+    data.add_argument("--prepared-dir", help="where the tokenised corpus goes (default: <data>.tokens, "
+                      "or a folder in the course's data directory when the data's folder is read-only)")  # fmt: skip
     data.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation")
     data.add_argument("--prepare-only", action="store_true", help="tokenise the corpus, then stop")
     model = parser.add_argument_group("model")
@@ -278,6 +280,17 @@ def save_rotating(folder: Path, keep: int, model, optimizer, history, schedule, 
     return path
 
 
+def prepared_dir_for(data: str, chosen: str | None) -> Path:
+    """``--prepared-dir``, else ``<data>.tokens`` beside the data, else (read-only data) the course's data folder."""
+    if chosen:
+        return Path(chosen)
+    beside = default_prepared_dir(data)
+    if beside.is_dir() or os.access(beside.parent, os.W_OK):
+        return beside
+    tag = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]
+    return data_dir() / "prepared-corpora" / f"{beside.name}-{tag}"
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Fail before training, not after hours of it, when ``folder`` cannot be written."""
     try:
@@ -417,7 +430,7 @@ def train(args, info) -> dict | None:
         raise RunError(f"under torchrun the device comes from LOCAL_RANK ({device}); --device {args.device} conflicts.")
 
     # 1. The corpus: rank 0 prepares it, the others wait and open what it wrote.
-    prepared_dir = Path(args.prepared_dir) if args.prepared_dir else default_prepared_dir(args.data)
+    prepared_dir = prepared_dir_for(args.data, args.prepared_dir)
     if rank == 0:
         started = time.perf_counter()
         corpus = prepare_corpus(args.data, prepared_dir, val_fraction=args.val_fraction, progress=not args.no_progress)

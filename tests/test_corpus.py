@@ -53,7 +53,7 @@ def test_folder_gives_the_ids_of_the_concatenation_with_end_of_text_separators(t
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab Z9.,'\n\t \u00e9")), max_size=300), st.integers(4, 64))
+@given(st.text(alphabet=st.sampled_from(list("ab Z9.,'\n\r\t \u00e9")), max_size=300), st.integers(4, 64))
 def test_cutting_a_file_into_blocks_never_changes_its_tokens(tmp_path_factory, text, block_bytes):
     path = tmp_path_factory.mktemp("blocks") / "t.txt"
     path.write_text(text, encoding="utf-8", newline="")
