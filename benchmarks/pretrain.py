@@ -26,9 +26,9 @@ benchmarks/results/pretrain.json and benchmarks/results/pretrain_memory.png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
     sys.path.insert(0, str(ROOT))
 
-from shared.utils import by_mode, is_quick  # noqa: E402
+from common import describe, environment, summary, time_interleaved, write_report  # noqa: E402
+
+from shared.utils import by_mode  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
 PRETRAIN = ROOT / "ch05" / "pretrain.py"
@@ -221,7 +223,6 @@ def speed_comparison(work: Path) -> dict:
     pretrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain)
 
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread gives steadier numbers
     corpus = prepare_corpus(work / "corpus-1x", work / "prepared-1x", progress=False)
     context = SPEED_CFG["context_length"]
     sampler = WindowSampler(corpus, "train", context, SPEED_BATCH, seed=1)
@@ -229,48 +230,50 @@ def speed_comparison(work: Path) -> dict:
     torch.manual_seed(0)
     ours = GPTModel(SPEED_CFG).train()
     our_optimizer = make_optimizer(ours, lr=4e-4, weight_decay=0.1)
-    total = SPEED_STEPS * (SPEED_ROUNDS + 1)
+    total = SPEED_STEPS * (SPEED_ROUNDS + 1)  # warm-up round included
     schedule = WarmupCosine(our_optimizer, peak_lr=4e-4, total_steps=total, warmup_steps=2, min_lr=4e-5)
     params = [p for p in ours.parameters() if p.requires_grad]
     torch.manual_seed(0)
     book = BookGPTModel(SPEED_CFG).train()
     book_optimizer = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)  # as in the book
 
-    def run_ours(first_step: int) -> float:
-        started = time.perf_counter()
-        for step in range(first_step, first_step + SPEED_STEPS):
-            pretrain.run_step(
-                ours, our_optimizer, schedule, sampler, step, seed=1, rank=0, grad_accum=1, grad_clip=1.0,
-                params=params, device=torch.device("cpu"), autocast=nullcontext, ddp=False,
-            )  # fmt: skip
-        return SPEED_STEPS * SPEED_BATCH * context / (time.perf_counter() - started)
+    device = torch.device("cpu")
+    ours_steps, book_steps = itertools.count(), itertools.count()  # both walk through the same steps
 
-    def run_book(first_step: int) -> float:
-        batches = [sampler.batch(step) for step in range(first_step, first_step + SPEED_STEPS)]  # same windows
-        started = time.perf_counter()
-        for input_batch, target_batch in batches:
+    def setup_ours():
+        def step():
+            pretrain.run_step(
+                ours, our_optimizer, schedule, sampler, next(ours_steps), seed=1, rank=0, grad_accum=1,
+                grad_clip=1.0, params=params, device=device, autocast=nullcontext, ddp=False,
+            )  # fmt: skip
+
+        return step
+
+    def setup_book():
+        # The same windows, read before the clock starts: the book's loop gets them from memory.
+        batches = iter([sampler.batch(next(book_steps)) for _ in range(SPEED_STEPS)])
+
+        def step():
+            input_batch, target_batch = next(batches)
             book_optimizer.zero_grad()
-            loss = book_calc_loss_batch(input_batch, target_batch, book, "cpu")
+            loss = book_calc_loss_batch(input_batch, target_batch, book, device)
             loss.backward()
             book_optimizer.step()
-        return SPEED_STEPS * SPEED_BATCH * context / (time.perf_counter() - started)
 
-    run_ours(0), run_book(0)  # warm-up
-    ours_rates, book_rates = [], []
-    for round_index in range(SPEED_ROUNDS):
-        first = SPEED_STEPS * (round_index + 1)
-        ours_rates.append(run_ours(first))
-        book_rates.append(run_book(first))
+        return step
+
+    samples = time_interleaved({"ours": setup_ours, "book": setup_book}, rounds=SPEED_ROUNDS, steps=SPEED_STEPS)
+    tokens_per_step = SPEED_BATCH * context
     result = {
         "config": SPEED_CFG,
         "batch": SPEED_BATCH,
-        "steps_per_round": SPEED_STEPS,
+        "steps_per_sample": SPEED_STEPS,
         "rounds": SPEED_ROUNDS,
-        "threads": 1,
-        "ours_tokens_per_s": statistics.median(ours_rates),
-        "book_tokens_per_s": statistics.median(book_rates),
-        "ours_rounds": ours_rates,
-        "book_rounds": book_rates,
+        "threads": torch.get_num_threads(),
+        "ours": summary(samples["ours"]),
+        "book": summary(samples["book"]),
+        "ours_tokens_per_s": tokens_per_step / statistics.median(samples["ours"]),
+        "book_tokens_per_s": tokens_per_step / statistics.median(samples["book"]),
     }
     result["ratio"] = result["ours_tokens_per_s"] / result["book_tokens_per_s"]
     print(json.dumps(result), flush=True)
@@ -284,12 +287,12 @@ def ddp_comparison(work: Path) -> dict:
     # One run each: on a CPU each step takes over a second, so run-to-run noise is small next to it.
     runs = {"single": run_pretrain(args), "ddp": run_pretrain(args, torchrun=2)}
     result = {}
-    for name, summary in runs.items():
+    for name, run in runs.items():
         result[name] = {
-            "ms_per_step": summary["ms_per_step"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "tokens_per_step": summary["tokens_per_step"],
-            "ranks_identical": len(set(summary["rank_parameter_sha256"])) == 1,
+            "ms_per_step": run["ms_per_step"],
+            "tokens_per_s": run["tokens_per_s"],
+            "tokens_per_step": run["tokens_per_step"],
+            "ranks_identical": len(set(run["rank_parameter_sha256"])) == 1,
         }
     result["step_time_ratio"] = result["ddp"]["ms_per_step"] / result["single"]["ms_per_step"]
     result["throughput_ratio"] = result["ddp"]["tokens_per_s"] / result["single"]["tokens_per_s"]
@@ -363,19 +366,17 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread per process gives steadier numbers
+    record = environment()
+    print(describe(record), flush=True)
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as work:
         work = Path(work)
         report = {
-            "benchmark": "pretrain",
-            "quick": is_quick(),
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
             "memory": memory_table(work),
             "speed": speed_comparison(work),
             "ddp": ddp_comparison(work),
-        }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        }
+    write_report(args.out, "pretrain", record, report)
     plot(report["memory"], args.out.with_name(args.out.stem + "_memory.png"))
     print(markdown(report))
 
