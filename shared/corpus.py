@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from shared.utils import atomic_path
 
 FORMAT = "llms-corpus/1"
 TOKENS_FILE = "tokens.bin"
@@ -260,14 +261,6 @@ def prepare_corpus(
     except CorpusError:
         pass  # nothing prepared yet, or a different / unfinished preparation: rebuild
 
-    try:
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-        handle, tmp_tokens = tempfile.mkstemp(prefix=f".{TOKENS_FILE}.", suffix=".tmp", dir=prepared_dir)
-    except OSError as error:
-        raise CorpusError(
-            f"cannot write the prepared corpus to {prepared_dir} ({error}); choose a writable folder "
-            "with --prepared-dir."
-        ) from error
     first_val = _choose_validation(sources, val_fraction)
     eot = np.asarray([tokenizer.eot_token], dtype=TOKEN_DTYPE)
     num_tokens, val_start, documents = 0, None, []
@@ -275,7 +268,13 @@ def prepare_corpus(
         total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenising", disable=not progress
     )
     try:
-        with os.fdopen(handle, "wb") as out:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+        # From here on the old preparation is void: without its description it is never reused.
+        (prepared_dir / META_FILE).unlink(missing_ok=True)
+        for stale in prepared_dir.glob(f".{TOKENS_FILE}.*.part"):  # left by a killed preparation
+            stale.unlink(missing_ok=True)
+        # atomic_path renames the finished file into place; an error deletes the partial one.
+        with atomic_path(prepared_dir / TOKENS_FILE) as tmp_tokens, open(tmp_tokens, "wb") as out:
             for index, path in enumerate(paths):
                 if index > 0:  # documents are joined with <|endoftext|>
                     eot.tofile(out)
@@ -289,7 +288,6 @@ def prepare_corpus(
                 documents.append([start, num_tokens])
             out.flush()
             os.fsync(out.fileno())
-        bar.close()
         if val_start is None:  # one document: hold out its last tokens
             val_start = num_tokens - max(1, math.ceil(val_fraction * num_tokens))
         meta.update(
@@ -299,31 +297,18 @@ def prepare_corpus(
             documents=documents,
             skipped=skipped,
         )
-        # Order matters: drop the old description first, so a crash between the two renames
-        # leaves no description pointing at the wrong tokens.
-        (prepared_dir / META_FILE).unlink(missing_ok=True)
-        os.replace(tmp_tokens, prepared_dir / TOKENS_FILE)
-        _write_json_atomic(prepared_dir / META_FILE, meta)
-    except BaseException:
+        with atomic_path(prepared_dir / META_FILE) as tmp_meta:
+            tmp_meta.write_text(json.dumps(meta, indent=1))
+    except OSError as error:
+        raise CorpusError(
+            f"cannot write the prepared corpus to {prepared_dir} ({error}); choose a writable folder "
+            "with enough space (--prepared-dir in ch05/pretrain.py)."
+        ) from error
+    finally:
         bar.close()
-        Path(tmp_tokens).unlink(missing_ok=True)
-        raise
     corpus = PreparedCorpus.open(prepared_dir)
     corpus.reused = False
     return corpus
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PreparedCorpus:

@@ -109,7 +109,7 @@ def test_pretrain_benchmark_reports_memory_speed_and_ddp(tmp_path):
     pytest.importorskip("llms_from_scratch")
     result, stdout = run_benchmark("pretrain", tmp_path, timeout=600)
     assert "| corpus |" in stdout
-    assert result["quick"] is True
+    assert result["environment"]["quick"] is True
     assert [row["scale"] for row in result["memory"]] == [1, 4]
     for row in result["memory"]:
         assert row["prepare_mb_per_s"] > 0 and row["tokens"] > 0
