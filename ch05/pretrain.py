@@ -303,8 +303,9 @@ def check_writable(folder: Path, what: str) -> None:
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Half-written checkpoints from a run killed while saving (they never replaced a good file)."""
-    for path in folder.glob(".step_*.tmp"):
-        path.unlink(missing_ok=True)
+    for pattern in (".step_*.tmp", ".step_*.part"):  # shared.checkpoint's temporary names
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
