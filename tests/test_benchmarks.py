@@ -3,6 +3,7 @@
 Timings are never asserted; only that every number is there and positive.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,24 +27,61 @@ def run_benchmark(name: str, tmp_path: Path) -> tuple[dict, str]:
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    report = json.loads(out.read_text())
+    # One environment record, written by benchmarks/common.py, in every report.
+    assert ENVIRONMENT_KEYS <= report["environment"].keys()
+    assert report["environment"]["versions"]["torch"] and report["environment"]["torch_threads"] >= 1
+    return report, result.stdout
+
+
+ENVIRONMENT_KEYS = {"python", "versions", "platform", "cpu", "cpu_count", "torch_threads", "device", "quick"}
+
+
+def _load_common():
+    # benchmarks/ is a folder of scripts, not a package: load its helper module by path.
+    spec = importlib.util.spec_from_file_location("benchmarks_common", ROOT / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timing_interleaves_candidates_sets_each_up_per_round_and_drops_the_warm_up():
+    common = _load_common()
+    calls = []
+
+    def candidate(name):
+        def setup():
+            calls.append(f"setup {name}")
+            return lambda: calls.append(name)
+
+        return setup
+
+    samples = common.time_interleaved({"a": candidate("a"), "b": candidate("b")}, rounds=2, steps=3)
+    one_round = ["setup a", "a", "a", "a", "setup b", "b", "b", "b"]
+    assert calls == one_round * 3  # a warm-up round, then two recorded rounds
+    assert {name: len(values) for name, values in samples.items()} == {"a": 2, "b": 2}
+    assert all(seconds >= 0 for values in samples.values() for seconds in values)
 
 
 def test_tokenizer_benchmark_reports_throughput_and_training_times(tmp_path):
     result, _ = run_benchmark("tokenizer", tmp_path)
-    assert result["encode"]["ours_mb_per_s"] > 0
-    assert result["encode"]["tiktoken_mb_per_s"] > 0
+    assert result["encode"]["ours"]["mb_per_s"] > 0
+    assert result["encode"]["tiktoken"]["mb_per_s"] > 0
     assert result["encode"]["ids_match"] is True
-    assert {row["vocab_size"] for row in result["train"]} == {512, 1000, 4096}
-    assert all(row["seconds"] > 0 for row in result["train"])
+    assert {row["vocab_size"]: row["reached"] for row in result["train"]} == {
+        512: 512,
+        1000: 1000,
+        4096: 2774,
+    }
+    assert all(row["median_s"] > 0 for row in result["train"])
 
 
 def test_attention_benchmark_reports_every_implementation(tmp_path):
     report, stdout = run_benchmark("attention", tmp_path)
     assert "| implementation" in stdout
     assert report["benchmark"] == "attention"
-    assert report["config"]["quick"] is True
-    assert {"batch", "tokens", "d_model", "num_heads", "rounds"} <= report["config"].keys()
+    assert report["environment"]["quick"] is True
+    assert {"batch", "tokens", "d_model", "num_heads", "rounds", "steps"} <= report["config"].keys()
     assert "gpu" in report
     names = {row["name"] for row in report["results"]}
     assert {"single-head wrapper", "split heads, explicit mask", "shared (SDPA)"} <= names
@@ -55,7 +93,7 @@ def test_attention_benchmark_reports_every_implementation(tmp_path):
 def test_model_benchmark_reports_training_and_generation(tmp_path):
     pytest.importorskip("transformers")
     result, _ = run_benchmark("model", tmp_path)
-    assert result["quick"] is True
+    assert result["environment"]["quick"] is True
     assert result["matmul_peak_flops"] > 0
     rows = {(r["model"], r["adamw"]): r for r in result["training"]}
     for model in ("ours", "hf"):
