@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from shared.dataloader import create_dataloader
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import WarmupCosine, train_model
-from shared.utils import get_device, set_seed
+from shared.utils import atomic_path, get_device, set_seed
 
 HERE = Path(__file__).resolve().parent
 
@@ -112,12 +110,9 @@ def run(name: str, refined: bool, num_epochs: int, device, cfg: dict) -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for everyone to read
-    os.replace(tmp, path)
+    """Write all at once (temporary file, then rename): never a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
 def main() -> None:
