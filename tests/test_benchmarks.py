@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_benchmark(name: str, tmp_path: Path) -> tuple[dict, str]:
+def run_benchmark(name: str, tmp_path: Path, timeout: float = 180) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -24,7 +24,7 @@ def run_benchmark(name: str, tmp_path: Path) -> tuple[dict, str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -116,3 +116,17 @@ def test_generate_responses_benchmark_reports_each_share_with_the_same_tokens(tm
         assert row["seconds"] > 0 and row["speedup_vs_book"] > 0
         assert row["same_tokens"] is True  # every approach generates exactly the same tokens
     assert all(value > 0 for value in report["shares"].values())
+
+
+def test_pretrain_benchmark_reports_memory_speed_and_ddp(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("pretrain", tmp_path, timeout=600)
+    assert "| corpus |" in stdout
+    assert result["environment"]["quick"] is True
+    assert [row["scale"] for row in result["memory"]] == [1, 4]
+    for row in result["memory"]:
+        assert row["prepare_mb_per_s"] > 0 and row["tokens"] > 0
+        assert row["prepare_peak_rss_mb"] > 0 and row["train_peak_rss_mb"] > 0 and row["book_peak_rss_mb"] > 0
+    assert result["speed"]["ours_tokens_per_s"] > 0 and result["speed"]["book_tokens_per_s"] > 0
+    assert result["ddp"]["ddp"]["ranks_identical"] is True and result["ddp"]["single"]["ms_per_step"] > 0
+    assert (tmp_path / "pretrain_memory.png").is_file()
