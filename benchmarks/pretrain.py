@@ -38,13 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import describe, environment, summary, time_interleaved, write_report
+
+from shared.utils import by_mode
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
-
-from common import describe, environment, summary, time_interleaved, write_report  # noqa: E402
-
-from shared.utils import by_mode  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
 PRETRAIN = ROOT / "ch05" / "pretrain.py"
@@ -262,7 +260,9 @@ def speed_comparison(work: Path) -> dict:
 
         return step
 
-    samples = time_interleaved({"ours": setup_ours, "book": setup_book}, rounds=SPEED_ROUNDS, steps=SPEED_STEPS)
+    samples = time_interleaved(
+        {"ours": setup_ours, "book": setup_book}, rounds=SPEED_ROUNDS, steps=SPEED_STEPS
+    )
     tokens_per_step = SPEED_BATCH * context
     result = {
         "config": SPEED_CFG,
@@ -313,10 +313,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
     sizes = [row["corpus_mb"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot(sizes, [r["book_peak_rss_mb"] for r in rows], "o-", label="book: read + tokenise + windows in memory")
+    ax.plot(
+        sizes, [r["book_peak_rss_mb"] for r in rows], "o-", label="book: read + tokenise + windows in memory"
+    )
     ax.plot(sizes, [r["prepare_peak_rss_mb"] for r in rows], "s-", label="pretrain.py: prepare (streamed)")
     ax.plot(sizes, [r["train_peak_rss_mb"] for r in rows], "^-", label="pretrain.py: train (memory map)")
-    ax.axhline(rows[0]["imports_peak_rss_mb"], color="grey", linestyle=":", label="imports only (torch, tiktoken)")
+    ax.axhline(
+        rows[0]["imports_peak_rss_mb"], color="grey", linestyle=":", label="imports only (torch, tiktoken)"
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [f"{s:.2g}" for s in sizes])
     ax.set_xlabel("corpus size (MB)")

@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from shared.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from shared.generate import generate  # noqa: E402
-from shared.model import GPTModel  # noqa: E402
-from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from shared.utils import get_device  # noqa: E402
-from shared.weights import CONFIG_FILE, WEIGHTS_FILE, load_hf_gpt2  # noqa: E402
+from shared.checkpoint import CheckpointError, read_checkpoint
+from shared.generate import generate
+from shared.model import GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.utils import get_device
+from shared.weights import CONFIG_FILE, WEIGHTS_FILE, load_hf_gpt2
 
 _STEP_FILE = re.compile(r"^step_\d+\.pt$")
 
@@ -138,7 +134,9 @@ def complete(model: GPTModel, tokenizer, prompt: str, args, device) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="HF-format folder, checkpoint file or checkpoint folder")
+    parser.add_argument(
+        "--model", required=True, help="HF-format folder, checkpoint file or checkpoint folder"
+    )
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -151,7 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin")
     args = parser.parse_args(argv)
     if args.beams > 1 and (args.temperature > 0 or args.top_k or args.top_p):
-        parser.error("beam search is deterministic: do not combine --beams with --temperature, --top-k or --top-p.")
+        parser.error(
+            "beam search is deterministic: do not combine --beams with --temperature, --top-k or --top-p."
+        )
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
     return args

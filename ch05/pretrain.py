@@ -49,12 +49,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
-
-from shared.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
-from shared.corpus import (  # noqa: E402
+from shared.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from shared.corpus import (
     CorpusError,
     PreparedCorpus,
     WindowSampler,
@@ -63,12 +59,12 @@ from shared.corpus import (  # noqa: E402
     prepare_corpus,
     read_windows,
 )
-from shared.data import data_dir  # noqa: E402
-from shared.distributed import distributed_session, print_main  # noqa: E402
-from shared.model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
-from shared.train import TrainHistory, WarmupCosine, calc_loss_batch, make_optimizer  # noqa: E402
-from shared.utils import get_device  # noqa: E402
-from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from shared.data import data_dir
+from shared.distributed import distributed_session, print_main
+from shared.model import GPT_CONFIGS, GPTModel, count_parameters
+from shared.train import TrainHistory, WarmupCosine, calc_loss_batch, make_optimizer
+from shared.utils import get_device
+from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2, save_hf_gpt2
 
 GPT2_VOCAB = 50257
 # Architectures. Every preset ties the embedding and the output head and has query/key/value
@@ -127,7 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of max steps)")
     train.add_argument("--decay", choices=["cosine", "constant"], default="cosine")
     train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm; 0 turns it off")
+    train.add_argument(
+        "--grad-clip", type=float, default=1.0, help="max global gradient norm; 0 turns it off"
+    )
     train.add_argument("--seed", type=int, default=123)
     run = parser.add_argument_group("run")
     run.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (and at the end)")
@@ -188,7 +186,9 @@ def build_model(args) -> GPTModel:
             folder = download_gpt2(args.init_from)
         model = load_hf_gpt2(folder).float()
         if model.cfg["vocab_size"] != GPT2_VOCAB:
-            raise RunError(f"{folder} has a vocabulary of {model.cfg['vocab_size']}; the corpus uses GPT-2's {GPT2_VOCAB}.")
+            raise RunError(
+                f"{folder} has a vocabulary of {model.cfg['vocab_size']}; the corpus uses GPT-2's {GPT2_VOCAB}."
+            )
     else:
         model = GPTModel(PRESETS[args.preset])
     limit = model.cfg["context_length"]
@@ -256,7 +256,11 @@ def choose_checkpoint(folder: Path, identity: dict) -> Path | None:
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:
-            print(f"warning: {error}\n  -> falling back to the previous checkpoint.", file=sys.stderr, flush=True)
+            print(
+                f"warning: {error}\n  -> falling back to the previous checkpoint.",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         saved = checkpoint.get("extra", {}).get("run", {})
         if saved != identity:
@@ -324,7 +328,9 @@ def evaluate(model, corpus: PreparedCorpus, args, device, autocast) -> tuple[flo
         total = torch.zeros((), device=device)
         batches = [starts[i : i + args.batch_size] for i in range(0, len(starts), args.batch_size)]
         for batch_starts in batches:
-            inputs, targets = read_windows(corpus.tokens_path, corpus.num_tokens, batch_starts, args.context_length)
+            inputs, targets = read_windows(
+                corpus.tokens_path, corpus.num_tokens, batch_starts, args.context_length
+            )
             with autocast():
                 total += calc_loss_batch(inputs, targets, model, device).float() * len(batch_starts)
         losses.append((total / len(starts)).item())
@@ -344,7 +350,15 @@ def write_outputs(out: Path, model: GPTModel, history: TrainHistory, summary: di
             for step, tokens, train, val in zip(
                 history.eval_steps, history.tokens_seen, history.train_losses, history.val_losses, strict=True
             ):
-                writer.writerow([step, tokens, f"{history.lrs[step - 1]:.6g}" if step else 0, f"{train:.6f}", f"{val:.6f}"])
+                writer.writerow(
+                    [
+                        step,
+                        tokens,
+                        f"{history.lrs[step - 1]:.6g}" if step else 0,
+                        f"{train:.6f}",
+                        f"{val:.6f}",
+                    ]
+                )
         plot_losses(history, staging / "loss.png")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for file in staging.iterdir():
@@ -428,13 +442,17 @@ def train(args, info) -> dict | None:
     rank, world_size = info.rank, info.world_size
     device = info.device if world_size > 1 else get_device(args.device)
     if world_size > 1 and args.device and torch.device(args.device).type != device.type:
-        raise RunError(f"under torchrun the device comes from LOCAL_RANK ({device}); --device {args.device} conflicts.")
+        raise RunError(
+            f"under torchrun the device comes from LOCAL_RANK ({device}); --device {args.device} conflicts."
+        )
 
     # 1. The corpus: rank 0 prepares it, the others wait and open what it wrote.
     prepared_dir = prepared_dir_for(args.data, args.prepared_dir)
     if rank == 0:
         started = time.perf_counter()
-        corpus = prepare_corpus(args.data, prepared_dir, val_fraction=args.val_fraction, progress=not args.no_progress)
+        corpus = prepare_corpus(
+            args.data, prepared_dir, val_fraction=args.val_fraction, progress=not args.no_progress
+        )
         what = "reused" if corpus.reused else f"prepared in {time.perf_counter() - started:.1f} s"
         print(f"corpus: {corpus.num_tokens:,} tokens ({what}) in {corpus.folder}; "
               f"train {corpus.train[1] - corpus.train[0]:,}, validation {corpus.val[1] - corpus.val[0]:,}", flush=True)  # fmt: skip
@@ -474,7 +492,12 @@ def train(args, info) -> dict | None:
     chosen = [None]
     if args.resume and rank == 0:
         chosen = [choose_checkpoint(checkpoint_dir, identity)]
-        print(f"resuming from {chosen[0]}" if chosen[0] else f"no checkpoint in {checkpoint_dir}: starting afresh", flush=True)
+        print(
+            f"resuming from {chosen[0]}"
+            if chosen[0]
+            else f"no checkpoint in {checkpoint_dir}: starting afresh",
+            flush=True,
+        )
     if world_size > 1:
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is not None:
@@ -521,7 +544,11 @@ def train(args, info) -> dict | None:
             now = time.perf_counter()
             train_seconds += now - tick
             mean_loss = running_loss.item() / running_steps  # the only host sync between evaluations
-            memory = f" | GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+            memory = (
+                f" | GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                if device.type == "cuda"
+                else ""
+            )
             print_main(
                 f"step {done:>6}/{args.max_steps} | loss {mean_loss:.4f} | lr {history.lrs[-1]:.2e} | "
                 f"{train_tokens / max(train_seconds, 1e-9):,.0f} tokens/s{memory}",
@@ -536,11 +563,15 @@ def train(args, info) -> dict | None:
                 history.val_losses.append(val_loss)
                 history.eval_steps.append(done)
                 history.tokens_seen.append(history.total_tokens)
-                print_main(f"step {done:>6}: train loss {train_loss:.4f} | val loss {val_loss:.4f}", flush=True)
+                print_main(
+                    f"step {done:>6}: train loss {train_loss:.4f} | val loss {val_loss:.4f}", flush=True
+                )
             tick = time.perf_counter()
         if checkpoint_dir is not None and (done % args.checkpoint_every == 0 or done == args.max_steps):
             if rank == 0:
-                save_rotating(checkpoint_dir, args.keep_checkpoints, raw_model, optimizer, history, schedule, identity)
+                save_rotating(
+                    checkpoint_dir, args.keep_checkpoints, raw_model, optimizer, history, schedule, identity
+                )
             tick = time.perf_counter()
 
     # 5. Outputs, and a check that DDP kept every copy identical.

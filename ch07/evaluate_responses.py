@@ -23,12 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(HERE.parent))
-
-from shared.data import DataValidationError, validate_instruction_entries  # noqa: E402
-from shared.instruction import (  # noqa: E402
+from shared.data import DataValidationError, validate_instruction_entries
+from shared.instruction import (
     DEFAULT_JUDGE_MODEL,
     PROMPT_STYLES,
     exact_match,

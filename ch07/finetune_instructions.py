@@ -26,19 +26,14 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(HERE.parent))
-
-from shared.data import load_instruction_data  # noqa: E402
-from shared.instruction import (  # noqa: E402
+from shared.data import load_instruction_data
+from shared.instruction import (
     PRETRAINED_LR,
     PROMPT_STYLES,
     SMALL_MODEL_LR,
@@ -49,11 +44,13 @@ from shared.instruction import (  # noqa: E402
     load_base_model,
     split_entries,
 )
-from shared.model import GPT_CONFIGS  # noqa: E402
-from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from shared.train import calc_loss_loader, make_optimizer, train_model  # noqa: E402
-from shared.utils import get_device, is_quick, set_seed  # noqa: E402
-from shared.weights import save_hf_gpt2  # noqa: E402
+from shared.model import GPT_CONFIGS
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import calc_loss_loader, make_optimizer, train_model
+from shared.utils import get_device, is_quick, set_seed
+from shared.weights import save_hf_gpt2
+
+HERE = Path(__file__).resolve().parent
 
 # Quick mode shrinks the data and the generation length (the tiny model is chosen in load_base_model).
 QUICK_SIZES = {"train": 160, "val": 24, "test": 110, "max_new_tokens": 24}
