@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from shared import data
-from shared.tokenizer import BPETokenizer, get_gpt2_tokenizer
+from shared.bpe import BPETokenizer
+from shared.tokenizer import get_gpt2_tokenizer
 from shared.utils import by_mode
 
 TRAIN_VOCAB_SIZES = (512, 1000, 4096)

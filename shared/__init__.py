@@ -1,11 +1,23 @@
-"""The course's reusable pieces, one module per concept.
+"""The course's reusable pieces, one module per concept, in chapter order.
 
 Each chapter builds a piece step by step in its notebook; the final form lives here and
-every later chapter imports it:
+every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
-- ``shared.utils``: device choice, seeding, quick mode and the environment banner
-- ``shared.data``: the data directory, downloads and the datasets
-- ``shared.tokenizer``: tokenizers (ch02)
+- ``shared.utils`` (all): get_device, set_seed, is_quick, by_mode, banner
+- ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError
+- ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data
+- ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer
+- ``shared.bpe`` (ch02): BPETokenizer, bytes_to_unicode, GPT2_SPLIT_PATTERN
+- ``shared.dataloader`` (ch02): GPTDataset, create_dataloader
+- ``shared.attention`` (ch03): MultiHeadAttention, KVCache
+- ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
+- ``shared.generate`` (ch04): generate, next_token, generate_text_simple
+- ``shared.weights`` (ch04): load_hf_gpt2, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
+- ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
+- ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
+- ``shared.classification`` (ch06): the spam classifier: dataset, head, training and evaluation
+- ``shared.instruction`` (ch07): instruction prompts, padding-aware batching, finetuning
+- ``shared.distributed`` (appendix_A): distributed_session, launch_torchrun, print_main, mean_across_processes, unwrap
 """
 
 __version__ = "0.1.0"

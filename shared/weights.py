@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shared.data import data_dir, download, host_url
+from shared.data import data_dir
+from shared.download import download, host_url
 from shared.model import GPTModel
 
 CONFIG_FILE = "config.json"

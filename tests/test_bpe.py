@@ -9,7 +9,8 @@ import pytest
 import regex
 
 from shared import data
-from shared.tokenizer import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode, get_gpt2_tokenizer
+from shared.bpe import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode
+from shared.tokenizer import get_gpt2_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,158 @@
+"""shared.checkpoint: exact resumption, atomic saves and clear errors."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.model import GPTModel
+from shared.train import WarmupCosine, make_optimizer, train_model
+
+TINY = {
+    "vocab_size": 64,
+    "context_length": 16,
+    "emb_dim": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.1,  # dropout on: resuming must also restore the random state
+    "qkv_bias": True,
+}
+EPOCHS, BATCHES = 3, 5  # 15 optimizer steps
+
+
+def _loader():
+    ids = torch.randint(0, 64, (2 * BATCHES, 17), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=2, shuffle=True)
+
+
+def _setup():
+    torch.manual_seed(11)
+    model = GPTModel(TINY)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    schedule = WarmupCosine(
+        optimizer, peak_lr=1e-3, total_steps=EPOCHS * BATCHES, warmup_steps=4, initial_lr=1e-5, min_lr=1e-4
+    )
+    return model, optimizer, schedule
+
+
+def _train(model, optimizer, schedule, loader, num_epochs, **kwargs):
+    return train_model(
+        model,
+        loader,
+        loader,
+        optimizer,
+        "cpu",
+        num_epochs=num_epochs,
+        eval_freq=2,
+        eval_iter=1,
+        lr_schedule=schedule,
+        grad_clip=1.0,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    model, optimizer, schedule = _setup()
+    loader = _loader()
+    torch.manual_seed(99)
+    history = _train(model, optimizer, schedule, loader, EPOCHS)
+    return model, history
+
+
+@pytest.mark.parametrize("stop_after_steps", [5, 7])  # an epoch boundary, and mid-epoch
+def test_resume_gives_bitwise_the_same_weights_and_losses(tmp_path, uninterrupted, stop_after_steps):
+    reference_model, reference = uninterrupted
+    path = tmp_path / "ckpt.pt"
+
+    # The first run saves a checkpoint every step; keep the one after `stop_after_steps` steps.
+    model, optimizer, schedule = _setup()
+    loader = _loader()
+    torch.manual_seed(99)
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    original_step = optimizer.step
+
+    def step_and_maybe_stop(*args, **kwargs):
+        # The checkpoint for step k is written after step k's evaluation; stop at the next step.
+        if (
+            len(saved) == 0
+            and path.exists()
+            and load_checkpoint(path, restore_rng=False)["history"].global_step == stop_after_steps
+        ):
+            saved["path"] = path
+            raise Stop
+        return original_step(*args, **kwargs)
+
+    optimizer.step = step_and_maybe_stop
+    with pytest.raises(Stop):
+        _train(model, optimizer, schedule, loader, EPOCHS, checkpoint_path=path, checkpoint_every=1)
+
+    # A fresh process would build everything again, then resume.
+    model, optimizer, schedule = _setup()
+    torch.manual_seed(12345)  # whatever the state now, the checkpoint's is restored
+    history = load_checkpoint(path, model, optimizer, lr_schedule=schedule)["history"]
+    assert history.global_step == stop_after_steps
+    resumed = _train(model, optimizer, schedule, _loader(), EPOCHS, history=history)
+
+    assert resumed.train_losses == reference.train_losses
+    assert resumed.val_losses == reference.val_losses
+    assert resumed.lrs == reference.lrs
+    for a, b in zip(model.state_dict().values(), reference_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_mid_schedule_resumes_at_the_right_learning_rate(tmp_path):
+    model, optimizer, schedule = _setup()
+    _train(model, optimizer, schedule, _loader(), 1)
+    save_checkpoint(tmp_path / "c.pt", model, optimizer, lr_schedule=schedule)
+    model2, optimizer2, schedule2 = _setup()
+    load_checkpoint(tmp_path / "c.pt", model2, optimizer2, lr_schedule=schedule2)
+    assert schedule2.step == schedule.step == BATCHES - 1
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(schedule.lr(BATCHES - 1))
+
+
+def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
+    model, optimizer, _ = _setup()
+    path = save_checkpoint(tmp_path / "c.pt", model, optimizer)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path, model)
+
+
+def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    model, optimizer, _ = _setup()
+    path = save_checkpoint(tmp_path / "c.pt", model, optimizer)
+    before = path.read_bytes()
+
+    def broken_save(obj, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, optimizer)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_of_a_different_config_is_refused(tmp_path):
+    model, optimizer, _ = _setup()
+    path = save_checkpoint(tmp_path / "c.pt", model, optimizer)
+    other = GPTModel({**TINY, "n_layers": 3})
+    with pytest.raises(CheckpointError, match="n_layers"):
+        load_checkpoint(path, other)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"some": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")

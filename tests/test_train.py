@@ -1,0 +1,295 @@
+"""shared.train: losses, the training loop, the optimizer and the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.data import load_the_verdict
+from shared.dataloader import create_dataloader
+from shared.model import GPTModel
+from shared.train import (
+    EmptyLoaderError,
+    WarmupCosine,
+    calc_loss_batch,
+    calc_loss_loader,
+    evaluate_model,
+    lr_at,
+    make_optimizer,
+    train_model,
+)
+
+TINY = {
+    "vocab_size": 64,
+    "context_length": 16,
+    "emb_dim": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+
+def _random_loader(n=12, batch_size=2, seed=0, shuffle=True):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY["vocab_size"], (n, TINY["context_length"] + 1), generator=generator)
+    return DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=batch_size, shuffle=shuffle)
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPTModel({**TINY, **overrides})
+
+
+def test_calc_loss_batch_is_cross_entropy_over_every_position():
+    model = _model(drop_rate=0.0).eval()
+    inputs, targets = next(iter(_random_loader(shuffle=False)))
+    logits = model(inputs)
+    by_hand = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).mean()
+    assert torch.allclose(calc_loss_batch(inputs, targets, model, "cpu"), by_hand, atol=1e-6)
+
+
+def test_calc_loss_batch_ignores_targets_of_minus_100():
+    model = _model(drop_rate=0.0).eval()
+    inputs, targets = next(iter(_random_loader(shuffle=False)))
+    masked = targets.clone()
+    masked[:, 8:] = -100
+    logits = model(inputs)
+    expected = F.cross_entropy(logits[:, :8].flatten(0, 1), targets[:, :8].flatten())
+    assert torch.allclose(calc_loss_batch(inputs, masked, model, "cpu"), expected, atol=1e-6)
+
+
+def test_untrained_loss_is_close_to_log_vocabulary_size():
+    model = _model(drop_rate=0.0).eval()
+    with torch.no_grad():
+        loss = calc_loss_loader(_random_loader(), model, "cpu")
+    assert abs(loss - math.log(TINY["vocab_size"])) < 0.1
+
+
+def test_calc_loss_loader_num_batches_averages_the_first_batches():
+    model = _model(drop_rate=0.0).eval()
+    loader = _random_loader(shuffle=False)
+    with torch.no_grad():
+        first_two = [calc_loss_batch(x, y, model, "cpu").item() for x, y in list(loader)[:2]]
+        assert calc_loss_loader(loader, model, "cpu", num_batches=2) == pytest.approx(sum(first_two) / 2)
+
+
+def test_empty_loader_raises_a_clear_error_instead_of_nan():
+    model = _model()
+    empty = DataLoader(
+        TensorDataset(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)),
+        batch_size=2,
+        drop_last=True,
+    )
+    with pytest.raises(EmptyLoaderError, match="drop_last"):
+        calc_loss_loader(empty, model, "cpu")
+    with pytest.raises(EmptyLoaderError):
+        evaluate_model(model, _random_loader(), empty, "cpu", eval_iter=1)
+
+
+def test_evaluate_model_restores_training_mode():
+    model = _model().train()
+    evaluate_model(model, _random_loader(), _random_loader(), "cpu", eval_iter=1)
+    assert model.training
+
+
+def test_train_model_lowers_the_loss_on_the_verdict():
+    the_verdict = load_the_verdict()
+    torch.manual_seed(0)
+    cfg = {**TINY, "vocab_size": 50257, "context_length": 32, "drop_rate": 0.0}
+    model = GPTModel(cfg)
+    split = int(0.9 * len(the_verdict))
+    train = create_dataloader(the_verdict[:split], batch_size=4, max_length=32, stride=32)
+    val = create_dataloader(
+        the_verdict[split:], batch_size=4, max_length=32, stride=32, shuffle=False, drop_last=False
+    )
+    optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.1)
+    history = train_model(
+        model, train, val, optimizer, "cpu", num_epochs=1, eval_freq=10, eval_iter=2, progress=False
+    )
+    train_losses, val_losses, tokens_seen = history
+    assert len(train_losses) == len(val_losses) == len(tokens_seen) >= 3
+    assert train_losses[-1] < train_losses[0] - 2.0
+    assert tokens_seen == sorted(tokens_seen) and tokens_seen[0] == 4 * 32
+
+
+def test_train_model_matches_a_hand_written_loop():
+    def run(use_shared):
+        model = _model(seed=3)
+        loader = _random_loader(seed=1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        torch.manual_seed(7)
+        if use_shared:
+            history = train_model(
+                model,
+                loader,
+                loader,
+                optimizer,
+                "cpu",
+                num_epochs=2,
+                eval_freq=2,
+                eval_iter=1,
+                progress=False,
+            )
+            return history.train_losses, model
+        losses, step = [], -1
+        for _ in range(2):
+            model.train()
+            for x, y in loader:
+                optimizer.zero_grad()
+                calc_loss_batch(x, y, model, "cpu").backward()
+                optimizer.step()
+                step += 1
+                if step % 2 == 0:
+                    losses.append(evaluate_model(model, loader, loader, "cpu", 1)[0])
+        return losses, model
+
+    ours, ours_model = run(True)
+    reference, reference_model = run(False)
+    assert ours == reference
+    for a, b in zip(ours_model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    def run(batch_size, accum):
+        model = _model(seed=5, drop_rate=0.0)
+        loader = _random_loader(n=8, batch_size=batch_size, shuffle=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_model(
+            model,
+            loader,
+            loader,
+            optimizer,
+            "cpu",
+            num_epochs=1,
+            eval_freq=100,
+            eval_iter=1,
+            grad_accum_steps=accum,
+            progress=False,
+        )
+        return model
+
+    big, small = run(4, 1), run(2, 2)
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_epoch_end_metrics_are_recorded_per_epoch():
+    model = _model()
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    history = train_model(
+        model,
+        _random_loader(),
+        _random_loader(),
+        optimizer,
+        "cpu",
+        num_epochs=2,
+        eval_freq=3,
+        eval_iter=1,
+        epoch_end=lambda epoch, m: {"epoch": epoch},
+        progress=False,
+    )
+    assert history.epoch_metrics == [{"epoch": 1}, {"epoch": 2}]
+    assert history.epoch == 2 and history.global_step == 12
+
+
+def test_make_optimizer_decays_matrices_only():
+    model = _model(tie_weights=True)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[i].endswith("weight") and "norm" not in names[i] for i in decayed)
+    assert id(model.tok_emb.weight) not in decayed and id(model.pos_emb.weight) not in decayed
+    assert id(model.trf_blocks[0].att.qkv.weight) in decayed
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(all_params) == len(list(model.parameters()))
+
+
+def test_make_optimizer_refuses_a_fully_frozen_model():
+    model = _model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(model, 1e-3, 0.1)
+
+
+# --- the learning-rate schedule (appendix D) ---
+
+SCHEDULE = dict(peak_lr=1e-3, total_steps=100, warmup_steps=10, initial_lr=1e-5, min_lr=1e-4)
+
+
+def test_lr_at_hand_computed_values():
+    assert lr_at(0, **SCHEDULE) == pytest.approx(1e-5)
+    assert lr_at(9, **SCHEDULE) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 9 / 10)  # last warm-up step
+    assert lr_at(10, **SCHEDULE) == pytest.approx(1e-3)  # first decay step: the peak
+    assert lr_at(55, **SCHEDULE) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # the cosine's midpoint
+    assert lr_at(100, **SCHEDULE) == pytest.approx(1e-4)
+    assert lr_at(500, **SCHEDULE) == pytest.approx(1e-4)
+
+
+def test_lr_at_is_monotone_in_warmup_and_in_decay():
+    lrs = [lr_at(step, **SCHEDULE) for step in range(101)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
+
+
+def test_lr_at_edge_cases_do_not_divide_by_zero():
+    assert lr_at(0, peak_lr=1.0, total_steps=10, warmup_steps=0) == 1.0
+    assert lr_at(5, peak_lr=1.0, total_steps=5, warmup_steps=5, min_lr=0.1) == 1.0
+    assert lr_at(4, peak_lr=1.0, total_steps=5, warmup_steps=5) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        lr_at(0, peak_lr=1.0, total_steps=5, warmup_steps=6)
+
+
+def test_schedule_sets_the_learning_rate_of_every_step():
+    model = _model()
+    optimizer = make_optimizer(model, lr=123.0, weight_decay=0.1)
+    schedule = WarmupCosine(optimizer, **{**SCHEDULE, "total_steps": 12, "warmup_steps": 3})
+    history = train_model(
+        model,
+        _random_loader(),
+        _random_loader(),
+        optimizer,
+        "cpu",
+        num_epochs=2,
+        eval_freq=100,
+        eval_iter=1,
+        lr_schedule=schedule,
+        progress=False,
+    )
+    assert history.lrs == pytest.approx([schedule.lr(step) for step in range(12)])
+
+
+def test_clipping_bounds_the_global_norm_and_huge_max_norm_changes_nothing():
+    model = _model(seed=1)
+    x, y = next(iter(_random_loader()))
+    (calc_loss_batch(x, y, model, "cpu") * 1000).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    before = [p.grad.clone() for p in params]
+    torch.nn.utils.clip_grad_norm_(params, 1e9)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, params, strict=True))
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert norm > 1.0
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) <= 1.0 + 1e-5
+
+
+def test_train_model_clips_from_the_step_it_says():
+    model = _model(seed=2)
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    history = train_model(
+        model,
+        _random_loader(),
+        _random_loader(),
+        optimizer,
+        "cpu",
+        num_epochs=1,
+        eval_freq=2,
+        eval_iter=1,
+        grad_clip=1e-3,
+        clip_from_step=3,
+        progress=False,
+    )
+    assert history.clipped == [False, False, False, True, True, True]
+    assert len(history.grad_norms) == 6 and all(n > 1e-3 for n in history.grad_norms)
