@@ -572,7 +572,7 @@ def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_
     ``shared.weights``; when that fails (offline, firewall) the fallback is used and the
     description says so. The fallback is ``fallback_config`` (default :data:`SMALL_CONFIG`).
     """
-    from shared.data import DownloadError
+    from shared.download import DownloadError
     from shared.weights import download_gpt2, load_hf_gpt2
 
     fallback_config = fallback_config or SMALL_CONFIG
