@@ -196,13 +196,16 @@ def warm_up(ours, book) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def subset_csvs(folder: Path, train_examples: int | None) -> dict[str, Path]:
-    """The balanced split; the training CSV cut to its first ``train_examples`` rows when given."""
+def subset_csvs(
+    folder: Path, train_examples: int | None, test_examples: int | None = None
+) -> dict[str, Path]:
+    """The balanced split; the training and test CSVs cut to their first N rows when asked."""
     csvs = cls.prepare_spam_splits(folder / "splits")
-    if train_examples:
-        frame = cls.read_split(csvs["train"]).iloc[:train_examples]
-        csvs["train"] = folder / "train-subset.csv"
-        frame.to_csv(csvs["train"], index=False)
+    for name, count in (("train", train_examples), ("test", test_examples)):
+        if count:
+            frame = cls.read_split(csvs[name]).iloc[:count]
+            csvs[name] = folder / f"{name}-subset.csv"
+            frame.to_csv(csvs[name], index=False)
     return csvs
 
 
@@ -215,6 +218,12 @@ def main(argv=None):
         type=int,
         default=by_mode(full=None, quick=64),
         help="train on the first N training messages (default: all 1,045; quick: 64)",
+    )
+    parser.add_argument(
+        "--test-examples",
+        type=int,
+        default=None,
+        help="score on the first N test messages (default: all 300)",
     )
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument(
@@ -231,11 +240,18 @@ def main(argv=None):
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}")
     with tempfile.TemporaryDirectory() as tmp:
-        csvs = subset_csvs(Path(tmp), args.train_examples)
+        csvs = subset_csvs(Path(tmp), args.train_examples, args.test_examples)
+        sizes = {name: len(cls.read_split(csvs[name])) for name in ("train", "test")}
         ours_init, book_init = make_models(args.seed)
         probe = cls.pad_batch([[40, 1842, 257], [15496, 11, 995, 0, 318]])
-        max_logit_diff = check_same_function(ours_init, book_init, probe)
-        trainable = cls.count_trainable(ours_init)
+        meta = {
+            "max_logit_difference_before_training": check_same_function(ours_init, book_init, probe),
+            "trainable_parameters": cls.count_trainable(ours_init)[0],
+            "total_parameters": cls.count_trainable(ours_init)[1],
+            "train_examples": sizes["train"],
+            "test_examples": sizes["test"],
+            "seed": args.seed,
+        }
         warm_up(ours_init, book_init)
         rounds = []
         for i in range(args.rounds):
@@ -249,30 +265,20 @@ def main(argv=None):
                 f"ratio {book['seconds'] / ours['seconds']:.2f}x",
                 flush=True,
             )
-        train_size = len(cls.read_split(csvs["train"]))
+            # Written after every round, so a long run that is stopped still leaves its results.
+            result = summarise(rounds, meta)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            cls._write_atomic(
+                args.out, lambda tmp, r=result: Path(tmp).write_text(json.dumps(r, indent=2) + "\n")
+            )
+    print_table(result)
+    print(f"\nwrote {args.out}")
 
+
+def summarise(rounds: list[dict], meta: dict) -> dict:
     book_s = statistics.median(r["book"]["seconds"] for r in rounds)
     ours_s = statistics.median(r["ours"]["seconds"] for r in rounds)
-    book_acc, ours_acc = rounds[0]["book"]["test_acc"], rounds[0]["ours"]["test_acc"]
-    speedup = book_s / ours_s
-    last = rounds[-1]
-    print(
-        f"\nOne epoch on {train_size} training messages, batch {BATCH_SIZE}, CPU, median of {args.rounds} rounds"
-    )
-    print(
-        "| loop | padding, read position | tokens per epoch | seconds per epoch | test accuracy | speed-up |"
-    )
-    print("|---|---|---:|---:|---:|---:|")
-    print(
-        f"| book `train_classifier_simple` | all to {last['book']['padded_length']} tokens, final position | "
-        f"{last['book']['train_tokens']:,} | {book_s:.1f} | {book_acc * 100:.2f}% | 1.00x |"
-    )
-    print(
-        f"| ours `train_model` + `classification_loss` | per batch, last real token | "
-        f"{last['ours']['train_tokens']:,} | {ours_s:.1f} | {ours_acc * 100:.2f}% | {speedup:.2f}x |"
-    )
-
-    result = {
+    return {
         "benchmark": "classify",
         "machine": {
             "platform": platform.platform(),
@@ -283,26 +289,41 @@ def main(argv=None):
         "quick": is_quick(),
         "config": CFG,
         "weights": "random initialisation (OpenAI's GPT-2 weights unavailable), identical for both",
-        "trainable_parameters": trainable[0],
-        "total_parameters": trainable[1],
-        "train_examples": train_size,
+        **meta,
         "batch_size": BATCH_SIZE,
         "lr": LR,
         "weight_decay": WEIGHT_DECAY,
         "eval_freq": EVAL_FREQ,
         "eval_iter": EVAL_ITER,
-        "seed": args.seed,
-        "max_logit_difference_before_training": max_logit_diff,
         "rounds": rounds,
         "book_seconds": book_s,
         "ours_seconds": ours_s,
-        "book_test_acc": book_acc,
-        "ours_test_acc": ours_acc,
-        "speedup": speedup,
+        "book_test_acc": rounds[0]["book"]["test_acc"],
+        "ours_test_acc": rounds[0]["ours"]["test_acc"],
+        "speedup": book_s / ours_s,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    cls._write_atomic(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-    print(f"\nwrote {args.out}")
+
+
+def print_table(result: dict) -> None:
+    last = result["rounds"][-1]
+    print(
+        f"\nOne epoch on {result['train_examples']} training messages, batch {BATCH_SIZE}, CPU "
+        f"({result['machine']['threads']} thread(s)), median of {len(result['rounds'])} rounds; "
+        f"test accuracy of the first round on {result['test_examples']} test messages"
+    )
+    print(
+        "| loop | padding, read position | tokens per epoch | seconds per epoch | test accuracy | speed-up |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    print(
+        f"| book `train_classifier_simple` | all to {last['book']['padded_length']} tokens, final position | "
+        f"{last['book']['train_tokens']:,} | {result['book_seconds']:.1f} | {result['book_test_acc'] * 100:.2f}% | 1.00x |"
+    )
+    print(
+        f"| ours `train_model` + `classification_loss` | per batch, last real token | "
+        f"{last['ours']['train_tokens']:,} | {result['ours_seconds']:.1f} | {result['ours_test_acc'] * 100:.2f}% | "
+        f"{result['speedup']:.2f}x |"
+    )
 
 
 if __name__ == "__main__":
