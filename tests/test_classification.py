@@ -315,3 +315,23 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
     assert after >= 0.85, after  # chance is 0.5; a pipeline that reads the wrong thing stays near it
     assert history.epoch_metrics[0]["val_acc"] >= 0.85
     assert history.train_losses[-1] < history.train_losses[0]
+
+
+def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_path, tokenizer):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "ch06" / "finetune_classifier.py"
+    spec = importlib.util.spec_from_file_location("finetune_classifier", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "run"
+    report = module.main(["--quick", "--epochs", "1", "--max-length", "48", "--out-dir", str(out)])
+    assert report["pretrained"] is False and "RANDOMLY INITIALISED" in report["model"]
+    assert json.loads((out / "report.json").read_text())["accuracy"] == report["accuracy"]
+    assert set(report["accuracy"]) == {"train", "validation", "test"}
+    assert len(report["epoch_metrics"]) == 1
+    loaded = cls.load_classifier(out)
+    assert set(cls.classify_text(["Free prize! Call now", "see you"], loaded, tokenizer)) <= {"spam", "ham"}
+    assert report["accuracy"]["test"] > 0.75, report["accuracy"]  # chance is 0.5
