@@ -565,12 +565,24 @@ SMALL_CONFIG = {
 }
 
 
+def disable_dropout(model: GPTModel) -> GPTModel:
+    """Set every dropout rate to 0 (the book finetunes with ``drop_rate`` 0.0); returns the model."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):  # attention's rate
+            module.dropout = 0.0
+    model.cfg["drop_rate"] = 0.0
+    return model
+
+
 def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_config: dict | None = None):
     """(model, description, is_pretrained): OpenAI's GPT-2 when asked for and obtainable, else a small random GPT.
 
     With ``pretrained=True`` the weights are downloaded (or found in the data directory) through
-    ``shared.weights``; when that fails (offline, firewall) the fallback is used and the
-    description says so. The fallback is ``fallback_config`` (default :data:`SMALL_CONFIG`).
+    ``shared.weights`` and dropout is switched off, as in the book's finetuning; when that fails
+    (offline, firewall) the fallback is used and the description says so. The fallback is
+    ``fallback_config`` (default :data:`SMALL_CONFIG`).
     """
     from shared.download import DownloadError
     from shared.weights import download_gpt2, load_hf_gpt2
@@ -579,11 +591,8 @@ def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_
     reason = "quick mode"
     if pretrained:
         try:
-            return (
-                load_hf_gpt2(download_gpt2(size, progress=False)),
-                f"pretrained {size} (OpenAI's weights)",
-                True,
-            )
+            model = disable_dropout(load_hf_gpt2(download_gpt2(size, progress=False)))
+            return model, f"pretrained {size} (OpenAI's weights)", True
         except (DownloadError, OSError) as error:
             reason = f"{size} weights unavailable ({type(error).__name__})"
     model = GPTModel(fallback_config)

@@ -335,3 +335,22 @@ def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_pat
     loaded = cls.load_classifier(out)
     assert set(cls.classify_text(["Free prize! Call now", "see you"], loaded, tokenizer)) <= {"spam", "ham"}
     assert report["accuracy"]["test"] > 0.75, report["accuracy"]  # chance is 0.5
+
+
+def test_load_base_model_uses_gpt2_weights_when_present_and_falls_back_offline(tmp_path, monkeypatch):
+    from shared.weights import save_hf_gpt2
+
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMS_HF_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline
+    model, description, pretrained = cls.load_base_model("gpt2-small")
+    assert not pretrained and "RANDOMLY INITIALISED" in description and "unavailable" in description
+    assert model.cfg == GPTModel(cls.SMALL_CONFIG).cfg
+
+    # A checkpoint in the data directory (here a tiny one in GPT-2's format) is used as is.
+    torch.manual_seed(0)
+    save_hf_gpt2(GPTModel({**TINY, "drop_rate": 0.1, "tie_weights": True}), tmp_path / "gpt2-small")
+    model, description, pretrained = cls.load_base_model("gpt2-small")
+    assert pretrained and description.startswith("pretrained gpt2-small")
+    assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
