@@ -128,7 +128,10 @@ def run_book(book_init, csvs, seed, score_test=True):
     from torch.utils.data import DataLoader
 
     tokenizer = get_gpt2_tokenizer()
-    train_set = BookSpamDataset(csvs["train"], tokenizer, max_length=None)
+    # The book pads to the longest message of the whole training split (120 tokens), also when
+    # this benchmark trains on a subset of it.
+    full_train_longest = BookSpamDataset(csvs["full_train"], tokenizer, max_length=None).max_length
+    train_set = BookSpamDataset(csvs["train"], tokenizer, max_length=full_train_longest)
     val_set = BookSpamDataset(csvs["validation"], tokenizer, max_length=train_set.max_length)
     test_set = BookSpamDataset(csvs["test"], tokenizer, max_length=train_set.max_length)
     model = copy.deepcopy(book_init)
@@ -156,8 +159,8 @@ def run_book(book_init, csvs, seed, score_test=True):
 def run_ours(ours_init, csvs, seed, score_test=True):
     tokenizer = get_gpt2_tokenizer()
     data = {
-        name: cls.SpamDataset(path, tokenizer, max_length=CFG["context_length"])
-        for name, path in csvs.items()
+        name: cls.SpamDataset(csvs[name], tokenizer, max_length=CFG["context_length"])
+        for name in ("train", "validation", "test")
     }
     model = copy.deepcopy(ours_init)
     torch.manual_seed(seed)
@@ -201,6 +204,7 @@ def subset_csvs(
 ) -> dict[str, Path]:
     """The balanced split; the training and test CSVs cut to their first N rows when asked."""
     csvs = cls.prepare_spam_splits(folder / "splits")
+    csvs["full_train"] = csvs["train"]
     for name, count in (("train", train_examples), ("test", test_examples)):
         if count:
             frame = cls.read_split(csvs[name]).iloc[:count]
