@@ -121,3 +121,14 @@ def test_notebook_uses_no_test_only_dependency_or_machine_path(path):
         assert not re.search(r"^\s*(import|from)\s+transformers\b", source, re.M), "transformers is test-only"
         assert "sys.path" not in source, "import shared as an installed package, not via sys.path"
         assert not re.search(r"['\"]/(home|root|Users|work|tmp)/", source), "no absolute paths"
+
+
+# What JupyterLab 4 writes for the ipykernel kernel. Any other display name is rewritten by
+# JupyterLab when the notebook opens, which marks it modified before anything has run.
+JUPYTERLAB_KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_stores_the_kernelspec_jupyterlab_expects(path):
+    metadata = json.loads(path.read_text(encoding="utf-8"))["metadata"]
+    assert metadata.get("kernelspec") == JUPYTERLAB_KERNELSPEC
