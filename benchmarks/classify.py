@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
     sys.path.insert(0, str(ROOT))
 
+from common import environment  # noqa: E402  (benchmarks/common.py: the machine record every report has)
+
 from shared import classification as cls  # noqa: E402
 from shared.model import GPT_CONFIGS, GPTModel  # noqa: E402
 from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
@@ -284,6 +286,7 @@ def summarise(rounds: list[dict], meta: dict) -> dict:
     ours_s = statistics.median(r["ours"]["seconds"] for r in rounds)
     return {
         "benchmark": "classify",
+        "environment": environment(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
