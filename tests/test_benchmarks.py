@@ -105,6 +105,20 @@ def test_model_benchmark_reports_training_and_generation(tmp_path):
     assert result["generation"]["hf_same_tokens"] is True
 
 
+def test_classify_benchmark_reports_both_loops_and_the_ratio(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("classify", tmp_path)
+    assert "| book `train_classifier_simple`" in stdout
+    assert result["quick"] is True
+    assert result["max_logit_difference_before_training"] < 1e-3  # the same weights in both models
+    for side in ("book", "ours"):
+        assert result[f"{side}_seconds"] > 0
+        assert 0 <= result[f"{side}_test_acc"] <= 1
+    assert result["speedup"] > 0
+    # Dynamic padding trains on fewer (padded) tokens than padding everything to the longest message.
+    assert result["rounds"][0]["ours"]["train_tokens"] < result["rounds"][0]["book"]["train_tokens"]
+
+
 def test_generate_responses_benchmark_reports_each_share_with_the_same_tokens(tmp_path):
     pytest.importorskip("llms_from_scratch")
     report, stdout = run_benchmark("generate_responses", tmp_path)
