@@ -34,23 +34,19 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import environment  # benchmarks/common.py: the machine record every report has
+
+from shared import classification as cls
+from shared.model import GPT_CONFIGS, GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import make_optimizer, train_model
+from shared.utils import by_mode, is_quick
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
-
-from common import environment  # noqa: E402  (benchmarks/common.py: the machine record every report has)
-
-from shared import classification as cls  # noqa: E402
-from shared.model import GPT_CONFIGS, GPTModel  # noqa: E402
-from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from shared.train import make_optimizer, train_model  # noqa: E402
-from shared.utils import by_mode, is_quick  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "classify.json"
 BATCH_SIZE, LR, WEIGHT_DECAY, EVAL_FREQ, EVAL_ITER = 8, 5e-5, 0.1, 50, 5
