@@ -65,3 +65,16 @@ def test_model_benchmark_reports_training_and_generation(tmp_path):
     generation = {r["model"]: r for r in result["generation"]["rows"]}
     assert {"ours (KV cache)", "ours (no cache)", "hf generate (cache)"} <= set(generation)
     assert result["generation"]["hf_same_tokens"] is True
+
+
+def test_train_benchmark_checks_equal_losses_and_reports_both_loops(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("train", tmp_path)
+    assert "| training loop" in stdout
+    assert result["benchmark"] == "train" and result["quick"] is True
+    check = result["check"]
+    assert len(check["book"]) == check["steps"] == len(check["ours_with_make_optimizer"])
+    assert check["max_abs_diff_same_optimizer"] < 1e-4 and check["same_within_1e-4"] is True
+    rates = result["timing"]["tokens_per_s"]
+    assert rates["ours"] > 0 and rates["book"] > 0 and result["speedup"] > 0
+    assert result["timing"]["params"]["ours"] == result["timing"]["params"]["book"]
