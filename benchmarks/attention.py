@@ -16,29 +16,23 @@ Implementations, all holding the same weights (checked to give the same outputs 
 
 "forward" runs in eval mode under ``torch.no_grad()`` (inference); "forward+backward" runs in
 training mode (dropout 0, so only attention is measured) and backpropagates a sum of the
-outputs. Each time is the median over interleaved rounds after a warm-up. Results go to a
-markdown table on stdout and to JSON (``--out``, default ``benchmarks/results/attention.json``).
+outputs. Each time is the median over interleaved rounds after a warm-up, each round timing
+several steps (benchmarks/common.py). Results go to a markdown table on stdout and to JSON
+(``--out``, default ``benchmarks/results/attention.json``).
 The same table is measured on CUDA when a GPU is present.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from common import describe, environment, parse_args, time_interleaved, write_report
 from torch import nn
 
 from shared.attention import MultiHeadAttention
-from shared.utils import by_mode, is_quick
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "attention.json"
-
+from shared.utils import by_mode
 
 # --- baselines: compact copies of the ch03 teaching versions --------------------------------
 
@@ -145,32 +139,29 @@ def copy_weights_from(shared: MultiHeadAttention, wrapper, split, peers) -> None
 # --- timing ----------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_forward(module: nn.Module, x: torch.Tensor) -> float:
+def forward_step(module: nn.Module, x: torch.Tensor):
+    """Inference: eval mode, no autograd."""
     module.eval()
-    sync(x.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        module(x)
-    sync(x.device)
-    return time.perf_counter() - start
+
+    def step():
+        with torch.no_grad():
+            module(x)
+
+    return step
 
 
-def time_forward_backward(module: nn.Module, x: torch.Tensor) -> float:
+def forward_backward_step(module: nn.Module, x: torch.Tensor):
+    """Training: train mode (dropout is 0), backpropagate the sum of the outputs."""
     module.train()
-    module.zero_grad(set_to_none=True)
-    sync(x.device)
-    start = time.perf_counter()
-    module(x).sum().backward()
-    sync(x.device)
-    return time.perf_counter() - start
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+
+    return step
 
 
-def benchmark(device: torch.device, batch, tokens, d_model, num_heads, rounds) -> list[dict]:
+def benchmark(device: torch.device, batch, tokens, d_model, num_heads, rounds, steps) -> list[dict]:
     torch.manual_seed(123)
     shared = MultiHeadAttention(d_model, d_model, tokens, dropout=0.0, num_heads=num_heads)
     wrapper = BaselineHeadsWrapper(d_model, d_model, tokens, num_heads)
@@ -197,26 +188,27 @@ def benchmark(device: torch.device, batch, tokens, d_model, num_heads, rounds) -
             if error > 1e-4:
                 raise RuntimeError(f"{name} differs from shared (SDPA) by {error:.2e}; not timing it")
 
-    times = {name: {"forward": [], "forward_backward": []} for name in modules}
-    for round_index in range(rounds + 1):  # round 0 is the warm-up, not recorded
-        for name, module in modules.items():  # interleaved, so drift hits all alike
-            forward, forward_backward = time_forward(module, x), time_forward_backward(module, x)
-            if round_index > 0:
-                times[name]["forward"].append(forward)
-                times[name]["forward_backward"].append(forward_backward)
-
+    # Interleaved: each round runs every implementation in turn, so drift hits all alike. The
+    # setups (untimed) put each module in eval or train mode right before its steps.
+    candidates = {}
+    for name, module in modules.items():
+        candidates[(name, "forward")] = lambda module=module: forward_step(module, x)
+        candidates[(name, "forward_backward")] = lambda module=module: forward_backward_step(module, x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times = time_interleaved(candidates, rounds, steps=steps, sync=sync)
     medians = {
-        name: {kind: statistics.median(ts) * 1e3 for kind, ts in t.items()} for name, t in times.items()
+        name: {kind: statistics.median(times[(name, kind)]) * 1e3 for kind in ("forward", "forward_backward")}
+        for name in modules
     }
     reference = medians["shared (SDPA)"]
     return [
         {
             "name": name,
             "device": str(device),
-            "forward_ms": round(m["forward"], 2),
-            "forward_backward_ms": round(m["forward_backward"], 2),
-            "forward_vs_shared": round(m["forward"] / reference["forward"], 2),
-            "forward_backward_vs_shared": round(m["forward_backward"] / reference["forward_backward"], 2),
+            "forward_ms": m["forward"],
+            "forward_backward_ms": m["forward_backward"],
+            "forward_vs_shared": m["forward"] / reference["forward"],
+            "forward_backward_vs_shared": m["forward_backward"] / reference["forward_backward"],
         }
         for name, m in medians.items()
     ]
@@ -235,22 +227,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    args = parser.parse_args()
-
+def main(argv=None) -> None:
+    args = parse_args("attention", __doc__.splitlines()[0], argv)
+    record = environment()
     config = {
         "batch": by_mode(full=8, quick=2),
         "tokens": by_mode(full=1024, quick=64),
         "d_model": by_mode(full=768, quick=96),
         "num_heads": 12,
         "rounds": by_mode(full=5, quick=2),
+        "steps": by_mode(full=3, quick=2),
     }
     print(
         f"causal self-attention, batch {config['batch']} x {config['tokens']} tokens x "
         f"{config['d_model']} dims, {config['num_heads']} heads, float32; median of {config['rounds']} "
-        f"interleaved rounds; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"interleaved rounds of {config['steps']} steps\n{describe(record)}"
     )
 
     rows = benchmark(torch.device("cpu"), **config)
@@ -264,21 +255,9 @@ def main() -> None:
         gpu = {"available": False, "note": "no GPU was available for this run; no GPU table measured"}
         print(f"\nGPU: {gpu['note']}")
 
-    report = {
-        "benchmark": "attention",
-        "config": {**config, "quick": is_quick(), "dtype": "float32"},
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
-        "gpu": gpu,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out, "attention", record, {"config": {**config, "dtype": "float32"}, "gpu": gpu, "results": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -14,36 +14,26 @@ Measures, in one process:
    vs ``GPT2LMHeadModel.generate`` with its cache, all with the same weights (checked to give
    the same tokens).
 
-Every timing is the median of interleaved rounds after a warm-up, because this machine's speed
-drifts by +-15% from minute to minute. ``LLMS_QUICK=1`` shrinks everything to a smoke test.
+Every timing is the median of interleaved rounds after a warm-up, each round timing several
+steps, because this machine's speed drifts by +-15% from minute to minute (benchmarks/common.py).
+``LLMS_QUICK=1`` shrinks everything to a smoke test.
 
-Run from the repository root: ``python benchmarks/model.py``. Writes benchmarks/results/model.json.
+Run: ``python benchmarks/model.py [--out benchmarks/results/model.json]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import describe, environment, parse_args, ready, summary, time_interleaved, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
-
-from shared.generate import generate  # noqa: E402
-from shared.model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
-from shared.utils import by_mode, is_quick  # noqa: E402
-from shared.weights import load_hf_gpt2  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "model.json"
+from shared.generate import generate
+from shared.model import GPT_CONFIGS, GPTModel, check_config, count_parameters
+from shared.utils import by_mode
+from shared.weights import config_to_hf, load_hf_gpt2
 
 # GPT-2 small (qkv biases on: Hugging Face's GPT-2 always has them), or a toy in quick mode.
 CFG = by_mode(
@@ -60,7 +50,8 @@ CFG = by_mode(
     },
 )
 BATCH, SEQ_LEN = by_mode(full=(2, 256), quick=(2, 32))
-TRAIN_ROUNDS = by_mode(full=5, quick=1)  # single steps vary by +-30% here: take more
+TRAIN_ROUNDS = by_mode(full=5, quick=1)
+TRAIN_STEPS = by_mode(full=3, quick=1)  # single steps vary by +-30% here: time several per sample
 GEN_ROUNDS = by_mode(full=3, quick=1)
 PROMPT_LEN, NEW_TOKENS = by_mode(full=(10, 200), quick=(10, 8))
 ADAMW = {"lr": 4e-4, "weight_decay": 0.1}  # identical for every model
@@ -73,19 +64,10 @@ MATMUL_SIZE = by_mode(full=2048, quick=256)
 
 
 def hf_config(cfg, tie):
+    """Hugging Face's GPT2Config for our config, through shared.weights' one translation."""
     from transformers import GPT2Config
 
-    return GPT2Config(
-        vocab_size=cfg["vocab_size"],
-        n_positions=cfg["context_length"],
-        n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"],
-        n_head=cfg["n_heads"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=tie,
-    )
+    return GPT2Config.from_dict(config_to_hf(check_config({**cfg, "tie_weights": tie})))
 
 
 def build_models():
@@ -149,22 +131,11 @@ def train_step(model, is_hf, optimizer, inputs, targets):
     return loss.item()
 
 
-def time_train(model, is_hf, optimizer, batch) -> float:
-    start = time.perf_counter()
-    train_step(model, is_hf, optimizer, *batch)
-    return BATCH * SEQ_LEN / (time.perf_counter() - start)  # tokens/s
-
-
-def time_matmul() -> float:
-    """float32 matrix-multiply FLOP/s on this machine right now (a square matmul, best of 3)."""
+def matmul_step():
+    """A square float32 matrix multiply: the machine's matmul FLOP/s right now, for the MFU."""
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * MATMUL_SIZE**3 / best
+    return lambda: torch.mm(a, b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,33 +143,36 @@ def time_matmul() -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def benchmark_training(models):
-    batches = make_batches(TRAIN_ROUNDS + 1)
-    runs = {}
-    for name, (model, is_hf) in models.items():
+def train_setup(model, is_hf, fused, batch):
+    """Untimed: a fresh AdamW and one step to create its state; returns the timed step.
+
+    Only one optimizer exists at a time (six GPT-2-small models with two AdamW states each
+    would not fit in memory): it lives in the returned step and goes when the step does.
+    """
+
+    def setup():
         model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True if fused else None)
+        train_step(model, is_hf, optimizer, *batch)
+        return lambda: train_step(model, is_hf, optimizer, *batch)
+
+    return setup
+
+
+def benchmark_training(models):
+    batch = make_batches(1)[0]
+    candidates = {"matmul": matmul_step}
+    for name, (model, is_hf) in models.items():
         for fused in (False, True):
-            runs[(name, fused)] = (model, is_hf, fused)
-    speeds = {key: [] for key in runs}
-    peaks = []
-    for round_index, batch in enumerate(batches):
-        peaks.append(time_matmul())
-        for key, (model, is_hf, fused) in runs.items():
-            # Only one optimizer exists at a time (six GPT-2-small models with two AdamW states
-            # each would not fit in memory). An untimed step first creates its state, so the
-            # timed step is a steady-state one.
-            optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True if fused else None)
-            train_step(model, is_hf, optimizer, *batch)
-            speed = time_train(model, is_hf, optimizer, batch)
-            del optimizer
-            if round_index > 0:  # round 0 is the warm-up
-                speeds[key].append(speed)
-        print(f"  training round {round_index}/{TRAIN_ROUNDS} done")
-    peak = statistics.median(peaks[1:])
+            candidates[(name, fused)] = train_setup(model, is_hf, fused, batch)
+    times = time_interleaved(candidates, TRAIN_ROUNDS, steps=TRAIN_STEPS)
+    peaks = [2 * MATMUL_SIZE**3 / seconds for seconds in times.pop("matmul")]
+    peak = statistics.median(peaks)
     rows = []
-    for (name, fused), values in speeds.items():
-        model = runs[(name, fused)][0]
-        tokens_per_s = statistics.median(values)
+    for (name, fused), samples in times.items():
+        model = models[name][0]
+        speeds = [BATCH * SEQ_LEN / seconds for seconds in samples]
+        tokens_per_s = statistics.median(speeds)
         n = matmul_params(model)
         rows.append(
             {
@@ -207,11 +181,11 @@ def benchmark_training(models):
                 "params": count_parameters(model),
                 "matmul_params": n,
                 "tokens_per_s": tokens_per_s,
-                "rounds": values,
+                "rounds": speeds,
                 "mfu": 6 * n * tokens_per_s / peak,
             }
         )
-    return rows, peak, peaks[1:]
+    return rows, peak, peaks
 
 
 def benchmark_generation(models):
@@ -240,26 +214,22 @@ def benchmark_generation(models):
             same = torch.equal(out, reference)
             print(f"  Hugging Face generate gives the same tokens: {same}")
 
-    runners = {"ours (KV cache)": lambda: generate(ours, prompt, NEW_TOKENS, use_cache=True)}
+    runners = {"ours (KV cache)": ready(lambda: generate(ours, prompt, NEW_TOKENS, use_cache=True))}
     if hf is not None:
-        runners["hf generate (cache)"] = lambda: hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False
+        runners["hf generate (cache)"] = ready(
+            lambda: hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False
+            )
         )
-    times = {name: [] for name in runners}
     with torch.no_grad():
-        for _ in range(GEN_ROUNDS):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = time_interleaved(runners, GEN_ROUNDS)
         # Without the cache every step recomputes the whole sequence: slow, so one round.
-        start = time.perf_counter()
-        generate(ours, prompt, NEW_TOKENS, use_cache=False)
-        times["ours (no cache)"] = [time.perf_counter() - start]
-    for name, values in times.items():
-        seconds = statistics.median(values)
+        no_cache = ready(lambda: generate(ours, prompt, NEW_TOKENS, use_cache=False))
+        times.update(time_interleaved({"ours (no cache)": no_cache}, rounds=1, warmup_rounds=0))
+    for name, samples in times.items():
+        seconds = summary(samples)["median_s"]
         rows.append(
-            {"model": name, "seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds, "rounds": values}
+            {"model": name, "seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds, "rounds": samples}
         )
     return rows, (same if hf is not None else None)
 
@@ -273,13 +243,9 @@ def show(value):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
-    )
-    out_path = parser.parse_args(argv).out
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}")
+    args = parse_args("model", __doc__.splitlines()[0], argv)
+    record = environment()
+    print(describe(record))
     models = build_models()
     train_rows, peak, peaks = benchmark_training(models)
     for name in ("book GPTModel", "book GPTModelFast", "ours (tied)", "hf (tied)"):
@@ -314,19 +280,12 @@ def main(argv=None):
         r["vs_hf"] = ratio(r["tokens_per_s"], hf_row["tokens_per_s"] if hf_row else None)
         print(f"| {r['model']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {show(r['vs_hf'])} |")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-        },
-        "torch": torch.__version__,
-        "quick": is_quick(),
+    results = {
         "config": CFG,
         "batch": [BATCH, SEQ_LEN],
         "adamw": ADAMW,
         "train_rounds": TRAIN_ROUNDS,
+        "train_steps_per_sample": TRAIN_STEPS,
         "matmul_peak_flops": peak,
         "matmul_peak_rounds": peaks,
         "training": train_rows,
@@ -337,8 +296,7 @@ def main(argv=None):
             "rows": gen_rows,
         },
     }
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out_path}")
+    write_report(args.out, "model", record, results)
 
 
 if __name__ == "__main__":

@@ -40,16 +40,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `shared` importable
-    sys.path.insert(0, str(ROOT))
+from shared.data import load_the_verdict
+from shared.dataloader import create_dataloader
+from shared.model import GPT_CONFIGS, GPTModel, count_parameters
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import calc_loss_batch, make_optimizer, train_model
+from shared.utils import by_mode, is_quick
 
-from shared.data import load_the_verdict  # noqa: E402
-from shared.dataloader import create_dataloader  # noqa: E402
-from shared.model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
-from shared.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from shared.train import calc_loss_batch, make_optimizer, train_model  # noqa: E402
-from shared.utils import by_mode, is_quick  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results" / "train.json"
 

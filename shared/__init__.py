@@ -3,8 +3,8 @@
 Each chapter builds a piece step by step in its notebook; the final form lives here and
 every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
-- ``shared.utils`` (all): get_device, set_seed, is_quick, by_mode, banner
-- ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError
+- ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner
+- ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data
 - ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer
 - ``shared.bpe`` (ch02): BPETokenizer, bytes_to_unicode, GPT2_SPLIT_PATTERN
@@ -12,11 +12,13 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
 - ``shared.generate`` (ch04, ch05): generate, next_token, generate_text_simple, beam_search, sequence_logprob
-- ``shared.weights`` (ch04): load_hf_gpt2, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
+- ``shared.weights`` (ch04): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
-- ``shared.classification`` (ch06): the spam classifier: dataset, head, training and evaluation
-- ``shared.instruction`` (ch07): instruction prompts, padding-aware batching, finetuning
+- ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
+- ``shared.classification`` (ch06): prepare_spam_splits, SpamDataset, create_classification_loader, make_classifier,
+  classifier_logits, classification_loss, calc_accuracy_loader, classify_text, save_classifier, load_classifier
+- ``shared.instruction`` (ch07): format_input, InstructionDataset, collate_fn, generate_responses, rouge_l, response_perplexity, make_judge, score_responses, parse_score
 - ``shared.distributed`` (appendix_A): distributed_session, launch_torchrun, print_main, mean_across_processes, unwrap
 """
 

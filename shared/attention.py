@@ -6,7 +6,10 @@ softmax(QK^T / sqrt(d_head)) V with the fastest kernel available, never material
 for the usual causal case.
 
 The layer also takes an optional :class:`KVCache`, so that generation (ch04) feeds only the
-new tokens and reuses the keys and values of the earlier ones.
+new tokens and reuses the keys and values of the earlier ones, and an optional key padding
+mask, so that prompts of different lengths can share a batch when they are padded on the left
+(ch07's batched response generation). Without a padding mask nothing changes: the usual case
+stays on SDPA's mask-free causal kernel.
 """
 
 from __future__ import annotations
@@ -62,7 +65,15 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend causally over ``x`` (batch, tokens, d_in), after the cached tokens if a cache is given.
+
+        ``key_padding_mask`` (batch, cached + new tokens), True (or 1) for real tokens and False for
+        padding, keeps every query away from padded keys. A padded query still sees itself, so
+        its softmax is never empty (which would give NaN and spread through the cache).
+        """
         if x.ndim != 3 or x.shape[-1] != self.qkv.in_features:
             raise ValueError(
                 f"expected input of shape (batch, tokens, {self.qkv.in_features}), got {tuple(x.shape)}; "
@@ -83,7 +94,12 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.append(keys, values)
 
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if key_padding_mask is not None:
+            allowed = self._padded_causal_mask(key_padding_mask, batch, past, num_tokens, x.device)
+            context = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p
+            )
+        elif past == 0:
             # Square causal attention: SDPA builds the mask itself (or needs none at all).
             context = F.scaled_dot_product_attention(
                 queries, keys, values, dropout_p=dropout_p, is_causal=True
@@ -100,3 +116,19 @@ class MultiHeadAttention(nn.Module):
 
         context = context.transpose(1, 2).reshape(batch, num_tokens, self.d_out)
         return self.out_proj(context)
+
+    @staticmethod
+    def _padded_causal_mask(key_padding_mask, batch, past, num_tokens, device) -> torch.Tensor:
+        """(batch, 1, queries, keys) bool: causal, no padded keys, but always the query's own key."""
+        total = past + num_tokens
+        if tuple(key_padding_mask.shape) != (batch, total):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, cached + new tokens) = {(batch, total)}, "
+                f"got {tuple(key_padding_mask.shape)}."
+            )
+        query_pos = torch.arange(past, total, device=device).unsqueeze(1)  # query i sits at past + i
+        key_pos = torch.arange(total, device=device).unsqueeze(0)
+        causal = key_pos <= query_pos
+        itself = key_pos == query_pos
+        real_keys = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return causal & (real_keys | itself)

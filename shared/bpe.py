@@ -14,6 +14,7 @@ import regex
 
 from shared import data
 from shared.tokenizer import END_OF_TEXT
+from shared.utils import atomic_path
 
 # GPT-2's pre-tokenisation: contractions, runs of letters, runs of digits, runs of other
 # symbols (each optionally led by one space), then whitespace. Merges never cross these
@@ -100,6 +101,7 @@ class BPETokenizer:
         self._set_up(vocab, list(merges), dict(special_tokens or {}), pattern)
 
     def _set_up(self, vocab: dict[int, bytes], merges, special_tokens: dict[str, int], pattern: str):
+        _check_special_token_texts(special_tokens)
         # self.vocab maps every id to its bytes, special tokens included (as their UTF-8 text).
         special_bytes = {token_id: text.encode("utf-8") for text, token_id in special_tokens.items()}
         clashes = sorted(i for i, token in special_bytes.items() if vocab.get(i, token) != token)
@@ -339,25 +341,67 @@ class BPETokenizer:
             ],
             "special_tokens": self.special_tokens,
         }
-        path.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path) -> BPETokenizer:
-        """A tokenizer written by :meth:`save`."""
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(document, dict) or document.get("format") != _SAVE_FORMAT:
+        """A tokenizer written by :meth:`save`.
+
+        A file that is not one (truncated, another JSON document, ids stored as strings, ...)
+        raises one ValueError that names the file and what is wrong with it.
+        """
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(
-                f"{path} is not a tokenizer saved by BPETokenizer.save (expected format {_SAVE_FORMAT!r})"
-            )
-        return cls._from_printable(
-            document["vocab"], document["merges"], document["special_tokens"], document["pattern"]
-        )
+                f"{path} is not a tokenizer saved by BPETokenizer.save: it is not valid JSON ({error}); "
+                "it may be truncated. Save the tokenizer again."
+            ) from None
+        problem = _problem_with_saved(document)
+        if problem is None:
+            try:
+                return cls._from_printable(
+                    document["vocab"], document["merges"], document["special_tokens"], document["pattern"]
+                )
+            except (ValueError, regex.error) as error:
+                problem = str(error)
+        raise ValueError(f"{path} is not a tokenizer saved by BPETokenizer.save: {problem}.")
+
+
+def _problem_with_saved(document) -> str | None:
+    """What is wrong with the structure of a saved tokenizer, or None when it looks right."""
+    if not isinstance(document, dict) or document.get("format") != _SAVE_FORMAT:
+        return f"expected a JSON object with format {_SAVE_FORMAT!r}"
+    expected = {"pattern": str, "vocab": dict, "merges": list, "special_tokens": dict}
+    for key, kind in expected.items():
+        if not isinstance(document.get(key), kind):
+            return f"{key!r} should be a JSON {'string' if kind is str else kind.__name__}, found {document.get(key)!r:.60}"
+    for key in ("vocab", "special_tokens"):
+        for text, token_id in document[key].items():
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                return f"{key} maps {text!r} to {token_id!r}, but ids must be integers >= 0"
+    if not all(isinstance(line, str) for line in document["merges"]):
+        return "every merge should be a string of two tokens separated by one space"
+    return None
 
 
 def _as_token_set(tokens) -> set[str]:
     """A set of special-token strings; one string counts as one token, not as its characters."""
-    return {tokens} if isinstance(tokens, str) else set(tokens)
+    tokens = {tokens} if isinstance(tokens, str) else set(tokens)
+    _check_special_token_texts(tokens)
+    return tokens
+
+
+def _check_special_token_texts(tokens) -> None:
+    bad = [token for token in tokens if not isinstance(token, str) or not token]
+    if bad:
+        raise ValueError(
+            f"special tokens must be non-empty strings such as '<|endoftext|>', got {bad!r}: an empty "
+            "one would match between every two characters."
+        )
 
 
 _NEVER = float("inf")  # rank of a pair that has no merge

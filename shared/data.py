@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +123,7 @@ def load_sms_spam():
 
     table = data_dir() / "sms_spam_collection" / "SMSSpamCollection"
     if not table.exists():
-        safe_extract_zip(fetch("sms+spam+collection.zip"), table.parent)
+        _extract_sms_spam(table)
     frame = pd.read_csv(
         table,
         sep="\t",
@@ -138,6 +140,33 @@ def load_sms_spam():
             f"expected {SMS_SPAM_COUNTS}. Delete {table.parent} and the zip in {data_dir()} to fetch it again."
         )
     return frame
+
+
+def _extract_sms_spam(table: Path) -> None:
+    """Extract the SMS Spam Collection's table from its zip, fetching the zip again once if it is
+    damaged (truncated, or a captive portal's HTML page saved under its name)."""
+    name = "sms+spam+collection.zip"
+    for attempt in (1, 2):
+        archive = fetch(name)
+        try:
+            safe_extract_zip(archive, table.parent)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+            archive.unlink(missing_ok=True)  # never leave a bad file that fails on every call
+            if attempt == 2:
+                remote = REMOTE_FILES[name]
+                raise DataValidationError(
+                    f"{archive} is not a valid zip archive ({error}), even after downloading it again "
+                    f"(was the download intercepted by a login page or proxy?). Download it by hand from "
+                    f"{remote.url} (or {', '.join(remote.fallback_urls) or 'a mirror'}) and save it as "
+                    f"{archive}."
+                ) from error
+            continue
+        if not table.exists():
+            raise DataValidationError(
+                f"{archive} does not contain {table.name}; replace it with the SMS Spam Collection zip "
+                f"from {REMOTE_FILES[name].url}."
+            )
+        return
 
 
 INSTRUCTION_KEYS = ("instruction", "input", "output")

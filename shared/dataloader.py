@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shared.model import check_token_ids
 from shared.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 
 
@@ -19,9 +20,12 @@ class GPTDataset(Dataset):
     Only the ids are stored, once, as one tensor; windows are sliced from it on access, so
     memory grows with the text, not with text x max_length / stride. The dataset holds no
     tokenizer, so it pickles cheaply into DataLoader worker processes.
+
+    The ids must be integers (floats are refused, not rounded) and not negative; with
+    ``vocab_size`` they must also be below it.
     """
 
-    def __init__(self, token_ids, max_length: int, stride: int):
+    def __init__(self, token_ids, max_length: int, stride: int, *, vocab_size: int | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         if stride < 1:
@@ -29,7 +33,10 @@ class GPTDataset(Dataset):
                 f"stride must be at least 1, got {stride}: it is how many tokens each window "
                 "moves past the previous one (stride=max_length gives windows that do not overlap)"
             )
-        self.token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        ids = torch.as_tensor(token_ids)
+        if ids.numel():  # an empty list becomes a float tensor; its length is refused below
+            check_token_ids(ids, vocab_size)
+        self.token_ids = ids.to(torch.long).flatten()
         self.max_length = max_length
         self.stride = stride
         if len(self.token_ids) < max_length + 1:
@@ -59,11 +66,13 @@ def create_dataloader(
     shuffle: bool = True,
     drop_last: bool = True,
     num_workers: int = 0,
+    vocab_size: int | None = None,
 ) -> DataLoader:
     """Batches of (inputs, targets), each of shape (batch_size, max_length).
 
     ``text_or_ids`` is raw text (tokenized here with GPT-2's tokenizer, ``<|endoftext|>``
-    allowed as a document separator) or a sequence/tensor of token ids.
+    allowed as a document separator) or a sequence/tensor of token ids, checked against
+    ``vocab_size`` when given (see :class:`GPTDataset`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -71,7 +80,7 @@ def create_dataloader(
         token_ids = get_gpt2_tokenizer().encode(text_or_ids, allowed_special={END_OF_TEXT})
     else:
         token_ids = text_or_ids
-    dataset = GPTDataset(token_ids, max_length, stride)
+    dataset = GPTDataset(token_ids, max_length, stride, vocab_size=vocab_size)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
             f"the text gives {len(dataset)} windows (max_length={max_length}, stride={stride}), fewer "

@@ -8,6 +8,9 @@ the keys and values they computed for the earlier ones. Both give the same token
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from shared.model import GPTModel
@@ -26,7 +29,21 @@ def generate_text_simple(
     return idx
 
 
-def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_k, top_p):
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling settings :func:`next_token` and :func:`generate` accept."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}.")
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses NaN
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+
+
+def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id):
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(
             f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}."
@@ -40,12 +57,13 @@ def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_
         raise ValueError(
             f"context_size must be between 1 and the model's context length {limit}, got {context_size}."
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+    _check_sampling(temperature, top_k, top_p)
+    vocab_size = model.cfg["vocab_size"]
+    if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < vocab_size):
+        raise ValueError(
+            f"eos_id must be a token id from 0 to {vocab_size - 1} (the model's vocabulary), got {eos_id!r}; "
+            "an id the model can never produce would never stop generation."
+        )
     return context_size
 
 
@@ -56,8 +74,10 @@ def next_token(
 
     temperature 0 takes the argmax. Otherwise the logits are divided by the temperature,
     cut to the ``top_k`` largest and then to the smallest set whose probability reaches
-    ``top_p`` (nucleus sampling), and one token is sampled.
+    ``top_p`` (nucleus sampling), and one token is sampled. Bad settings (a negative or NaN
+    temperature, ``top_k < 1``, ``top_p`` outside (0, 1]) raise ValueError, as in :func:`generate`.
     """
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -92,7 +112,7 @@ def generate(
     - The model sees at most ``context_size`` tokens (default: its context length); longer
       sequences are cropped to their last ``context_size`` tokens.
     - ``temperature=0`` is greedy decoding; see :func:`next_token` for sampling.
-    - ``eos_id``: once a row produces it, that row is finished. The eos token is kept, and every
+    - ``eos_id`` (an id of the model's vocabulary): once a row produces it, that row is finished. The eos token is kept, and every
       later position of a finished row is filled with ``eos_id`` (so the batch stays
       rectangular); generation stops early when every row has finished. For one row this
       means the output ends with ``eos_id`` when it was produced.
@@ -103,8 +123,15 @@ def generate(
 
     The model's mode is left as it is: call ``model.eval()`` first (dropout would make every
     run, cached or not, different).
+
+    Every row of ``idx`` has the same length, and every token in it is read as text: there is
+    no padding mask. So prompts of different lengths cannot simply be padded into one batch
+    (the padding would change what the model sees). Generate them one at a time (a batch of
+    one each) or group prompts of equal length; ch07 adds padding-aware batching.
     """
-    context_size = _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_k, top_p)
+    context_size = _check_arguments(
+        model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id
+    )
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache = None
     for _ in range(max_new_tokens):

@@ -7,7 +7,7 @@ output head that turns each position's vector into logits over the vocabulary.
 The layout follows GPT-2 piece for piece, so that its published weights load directly
 (see :mod:`shared.weights`) and the logits match Hugging Face's ``GPT2LMHeadModel``.
 
-Configuration is a plain dict with the book's keys::
+Configuration is a plain dict with the book's keys (typed as :class:`GPTConfig`)::
 
     vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias
 
@@ -17,11 +17,17 @@ and three optional ones:
                  as GPT-2 does;
     norm         ("layernorm") or "rmsnorm";
     norm_eps     (1e-5) the epsilon of every norm layer.
+
+:func:`check_config` checks every value's type and range, so a typo such as ``emb_dim="32"``
+or ``tie_weights="false"`` fails at once, naming the key, instead of deep inside torch or,
+worse, building a different model than the one asked for.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -39,13 +45,72 @@ GPT_CONFIGS = {
     "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
 }
 
+
+class _RequiredGPTConfig(TypedDict):
+    vocab_size: int
+    context_length: int
+    emb_dim: int
+    n_heads: int
+    n_layers: int
+    drop_rate: float
+    qkv_bias: bool
+
+
+class GPTConfig(_RequiredGPTConfig, total=False):
+    """The keys of a GPT config. Learners write plain dicts; this type documents them.
+
+    The book's seven keys are required; the three below are optional (``total=False``, which
+    works on Python 3.10, where ``typing.NotRequired`` does not exist yet).
+    """
+
+    tie_weights: bool
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+
+
 REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 OPTIONAL_KEYS = {"tie_weights": False, "norm": "layernorm", "norm_eps": 1e-5}
 NORMS = ("layernorm", "rmsnorm")
+_POSITIVE_INTS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+_BOOLS = ("qkv_bias", "tie_weights")
 
 
-def check_config(cfg: dict) -> dict:
-    """Return ``cfg`` with the optional keys filled in; raise ValueError on a bad config."""
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_values(cfg: GPTConfig) -> None:
+    """Raise ValueError naming the first key whose value has the wrong type or range."""
+    for key in _POSITIVE_INTS:
+        if not _is_int(cfg[key]) or cfg[key] <= 0:
+            raise ValueError(f"GPT config: {key} must be a positive integer, got {cfg[key]!r}.")
+    for key in _BOOLS:
+        if not isinstance(cfg[key], bool):
+            raise ValueError(
+                f"GPT config: {key} must be True or False, got {cfg[key]!r}"
+                + (" (a non-empty string counts as true)." if isinstance(cfg[key], str) else ".")
+            )
+    if not _is_real(cfg["drop_rate"]) or not 0 <= cfg["drop_rate"] < 1:
+        raise ValueError(f"GPT config: drop_rate must be a number in [0, 1), got {cfg['drop_rate']!r}.")
+    if not _is_real(cfg["norm_eps"]) or not 0 < cfg["norm_eps"] < math.inf:
+        raise ValueError(f"GPT config: norm_eps must be a positive number, got {cfg['norm_eps']!r}.")
+    if cfg["norm"] not in NORMS:
+        raise ValueError(f"GPT config: norm must be one of {NORMS}, got {cfg['norm']!r}.")
+
+
+def check_config(cfg: GPTConfig) -> GPTConfig:
+    """Return ``cfg`` with the optional keys filled in; raise ValueError on a bad config.
+
+    Missing and unknown keys are named, and so is every value of the wrong type or range.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"a GPT config is a dict with the keys {list(REQUIRED_KEYS)}, got {type(cfg).__name__}."
+        )
     missing = [key for key in REQUIRED_KEYS if key not in cfg]
     if missing:
         raise ValueError(f"GPT config is missing {missing}; it needs all of {list(REQUIRED_KEYS)}.")
@@ -55,17 +120,41 @@ def check_config(cfg: dict) -> dict:
             f"GPT config has unknown keys {unknown}; allowed are {list(REQUIRED_KEYS) + list(OPTIONAL_KEYS)}."
         )
     cfg = {**OPTIONAL_KEYS, **cfg}
+    _check_values(cfg)
     if cfg["emb_dim"] % cfg["n_heads"] != 0:
         raise ValueError(
             f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']}): "
             "each head gets emb_dim // n_heads dimensions."
         )
-    if cfg["norm"] not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {cfg['norm']!r}.")
     return cfg
 
 
-def make_norm(cfg: dict) -> nn.Module:
+def check_token_ids(idx: torch.Tensor, vocab_size: int | None, what: str = "token ids") -> None:
+    """Raise ValueError unless ``idx`` holds integer ids in ``[0, vocab_size)``.
+
+    One min/max over the tensor, not a Python loop: cheap next to a forward pass, and it turns
+    an index error deep inside the embedding (on a GPU, a device-side assert that kills the
+    process) into a message that says which id is wrong.
+    """
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(
+            f"{what} must be integers, got a tensor of dtype {idx.dtype}; token ids come from a "
+            "tokenizer, and converting floats would silently round them."
+        )
+    if idx.numel() == 0:
+        return
+    low, high = torch.aminmax(idx)
+    low, high = int(low), int(high)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        limit = f"0 to {vocab_size - 1}" if vocab_size is not None else "0 upwards"
+        raise ValueError(
+            f"{what} contain {bad}, outside the vocabulary (ids run from {limit}); was the text "
+            "encoded with a different tokenizer than the model's?"
+        )
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
     # torch's fused kernels; the ch04 notebook builds LayerNorm by hand and checks it matches.
     if cfg["norm"] == "rmsnorm":
         return nn.RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"])
@@ -88,7 +177,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(
@@ -103,8 +192,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -112,7 +203,7 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2-style decoder-only transformer: token ids (batch, tokens) -> logits (batch, tokens, vocab)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg = check_config(cfg)
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
@@ -151,12 +242,29 @@ class GPTModel(nn.Module):
         """An empty key/value cache, one per block, for :meth:`forward` (see shared.generate)."""
         return [KVCache() for _ in self.trf_blocks]
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for token ids ``idx`` (batch, tokens).
+
+        ``cache``: the blocks' key/value caches (see :meth:`new_cache`); ``idx`` then holds only
+        the tokens after the cached ones.
+
+        ``attention_mask`` (batch, cached + new tokens), 1 for real tokens and 0 for padding, is
+        for sequences padded on the left (ch07 batches prompts of different lengths this way).
+        Each row's positions then count its real tokens only, so its first real token is at
+        position 0 exactly as without padding, and no token attends to padding. Without a mask
+        every position is real.
+        """
         if idx.ndim != 2:
             raise ValueError(
                 f"expected token ids of shape (batch, tokens), got {tuple(idx.shape)}; "
                 "add a batch dimension with idx.unsqueeze(0) for a single sequence."
             )
+        check_token_ids(idx, self.cfg["vocab_size"])
         num_tokens = idx.shape[1]
         # With a cache, the new tokens continue where the cached ones stopped.
         start = len(cache[0]) if cache else 0
@@ -165,10 +273,21 @@ class GPTModel(nn.Module):
                 f"{start + num_tokens} tokens exceed the context length of {self.context_length}; "
                 "crop the input to its last context_length tokens."
             )
-        positions = torch.arange(start, start + num_tokens, device=idx.device)
+        if attention_mask is None:
+            positions = torch.arange(start, start + num_tokens, device=idx.device)
+            key_padding_mask = None
+        else:
+            if tuple(attention_mask.shape) != (idx.shape[0], start + num_tokens):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new tokens) = "
+                    f"{(idx.shape[0], start + num_tokens)}, got {tuple(attention_mask.shape)}."
+                )
+            key_padding_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+            # A row's position counts its real tokens so far; padding sits at position 0.
+            positions = (key_padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache[i] if cache else None)
+            x = block(x, cache=cache[i] if cache else None, key_padding_mask=key_padding_mask)
         return self.out_head(self.final_norm(x))
 
 
@@ -177,7 +296,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_on_meta(cfg: dict) -> GPTModel:
+def build_on_meta(cfg: GPTConfig) -> GPTModel:
     """A GPTModel whose tensors have shapes but no storage: free to build, for counting parameters."""
     with torch.device("meta"):
         return GPTModel(cfg)

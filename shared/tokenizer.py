@@ -4,30 +4,65 @@ tiktoken (the byte-pair encoder written from scratch is in :mod:`shared.bpe`).""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import shutil
+from pathlib import Path
 
 from shared import data
-from shared.download import DownloadError
+from shared.download import DownloadError, sha256_of
 
 
 class TokenizerFilesError(RuntimeError):
     """The GPT-2 tokenizer files could not be found or fetched."""
 
 
-def _encoding_from_local_files():
-    """Build tiktoken's GPT-2 encoding from encoder.json and vocab.bpe in the data directory.
+# Where tiktoken's "gpt2" encoding reads its two files from. tiktoken caches each download in
+# $TIKTOKEN_CACHE_DIR under the sha1 of its URL, and reads the cached copy when its sha256 is right.
+TIKTOKEN_GPT2_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = ("encoder.json", "vocab.bpe")
+# Seconds to wait for a server before giving up on a try (two tries per file). tiktoken's own
+# download has no time limit at all: on a network that accepts connections but never answers
+# it would wait forever, so it is never left to download anything.
+GPT2_FILES_TIMEOUT = 15.0
 
-    This path goes through :func:`shared.data.fetch`, so it honours ``LLMS_OPENAI_BASE_URL``
-    (a mirror) and a data directory prepared by hand.
+
+def _fetch_gpt2_file(name: str) -> Path:
+    """``<data dir>/gpt2-tokenizer/<name>``, downloaded (mirror-aware, bounded time) if missing."""
+    return data.fetch(f"gpt2-tokenizer/{name}", timeout=GPT2_FILES_TIMEOUT, retries=2)
+
+
+def _fill_tiktoken_cache(cache_dir: Path) -> bool:
+    """Put GPT-2's files into tiktoken's cache, so that tiktoken finds them and downloads nothing.
+
+    Files already cached with the right sha256 are kept; missing ones are copied from the data
+    directory (fetched there first if needed). Returns False when the cache cannot be written.
     """
+    for name in GPT2_FILES:
+        cached = cache_dir / hashlib.sha1((TIKTOKEN_GPT2_BASE_URL + name).encode()).hexdigest()
+        if cached.is_file() and sha256_of(cached) == data.REMOTE_FILES[f"gpt2-tokenizer/{name}"].sha256:
+            continue
+        source = _fetch_gpt2_file(name)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(f".{cached.name}.part")
+            shutil.copyfile(source, partial)
+            os.replace(partial, cached)
+        except OSError:
+            return False
+    return True
+
+
+def _encoding_from_data_dir():
+    """tiktoken's GPT-2 encoding built from encoder.json and vocab.bpe in the data directory."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
     mergeable_ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(data.fetch("gpt2-tokenizer/vocab.bpe")),
-        encoder_json_file=str(data.fetch("gpt2-tokenizer/encoder.json")),
+        vocab_bpe_file=str(_fetch_gpt2_file("vocab.bpe")),
+        encoder_json_file=str(_fetch_gpt2_file("encoder.json")),
     )
     # The same specification tiktoken registers for "gpt2", with the ranks read locally.
     return tiktoken.Encoding(
@@ -41,32 +76,31 @@ def _encoding_from_local_files():
 
 @functools.lru_cache(maxsize=1)
 def get_gpt2_tokenizer():
-    """GPT-2's tokenizer, ``tiktoken.get_encoding("gpt2")``, usable offline.
+    """GPT-2's tokenizer, ``tiktoken.get_encoding("gpt2")``, usable offline and never hanging.
 
     tiktoken keeps its files in ``$TIKTOKEN_CACHE_DIR``; when that is unset we point it at
-    ``<data dir>/tiktoken-cache`` so all downloads share one folder. If tiktoken cannot fetch
-    its files (offline, firewall), the encoding is built from ``encoder.json`` and
-    ``vocab.bpe`` in ``<data dir>/gpt2-tokenizer/`` (fetched through the mirror-aware
-    downloader). If that fails too, :class:`TokenizerFilesError` says how to provide them.
+    ``<data dir>/tiktoken-cache`` so all downloads share one folder. tiktoken is never left to
+    download: missing files are fetched into ``<data dir>/gpt2-tokenizer/`` by
+    :func:`shared.data.fetch` (a time limit per try, ``LLMS_OPENAI_BASE_URL`` for a mirror, a
+    data directory prepared by hand) and copied into tiktoken's cache. When the cache is
+    disabled (``TIKTOKEN_CACHE_DIR=""``) or cannot be written, the same encoding is built from
+    the data directory's copies. When the files cannot be had, :class:`TokenizerFilesError`
+    says how to provide them.
     """
     import tiktoken
 
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(data.data_dir() / "tiktoken-cache"))
+    cache_dir = os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(data.data_dir() / "tiktoken-cache"))
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as tiktoken_error:  # requests errors, hash mismatches, missing files
-        try:
-            return _encoding_from_local_files()
-        except DownloadError as download_error:
-            raise TokenizerFilesError(
-                "Could not load the GPT-2 tokenizer.\n"
-                f"tiktoken failed with: {tiktoken_error}\n"
-                f"The fallback failed with: {download_error}\n"
-                "To work offline, copy encoder.json and vocab.bpe (from "
-                "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/) into "
-                f"{data.data_dir() / 'gpt2-tokenizer'}, or set TIKTOKEN_CACHE_DIR to a folder "
-                "holding tiktoken's cached copies of them."
-            ) from download_error
+        if cache_dir and _fill_tiktoken_cache(Path(cache_dir)):
+            return tiktoken.get_encoding("gpt2")
+        return _encoding_from_data_dir()
+    except DownloadError as error:
+        raise TokenizerFilesError(
+            f"Could not load the GPT-2 tokenizer: {error}\n"
+            "To work offline, copy encoder.json and vocab.bpe (from "
+            f"{TIKTOKEN_GPT2_BASE_URL}) into {data.data_dir() / 'gpt2-tokenizer'}, or set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them."
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------

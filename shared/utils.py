@@ -5,18 +5,35 @@ from __future__ import annotations
 import os
 import platform
 import random
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 # The one switch for quick mode. It only shrinks sizes (model dims, epochs, data subsets);
 # code paths stay the same, so a quick run exercises exactly the code a full run does.
 QUICK_ENV_VAR = "LLMS_QUICK"
-_TRUTHY = {"1", "true", "yes", "on"}
+_TRUE_SPELLINGS = ("1", "true", "yes", "on")
+_FALSE_SPELLINGS = ("", "0", "false", "no", "off")
 
 
 def is_quick() -> bool:
-    """True when ``LLMS_QUICK`` is set to 1/true/yes/on (any case)."""
-    return os.environ.get(QUICK_ENV_VAR, "").strip().lower() in _TRUTHY
+    """True when ``LLMS_QUICK`` is 1/true/yes/on, False when unset or 0/false/no/off (any case).
+
+    Any other value raises ValueError: a typo must not silently start a full-length run.
+    """
+    value = os.environ.get(QUICK_ENV_VAR, "").strip().lower()
+    if value in _TRUE_SPELLINGS:
+        return True
+    if value in _FALSE_SPELLINGS:
+        return False
+    raise ValueError(
+        f"{QUICK_ENV_VAR}={os.environ[QUICK_ENV_VAR]!r} is neither on nor off; use one of "
+        f"{', '.join(_TRUE_SPELLINGS)} for quick mode or one of {', '.join(s for s in _FALSE_SPELLINGS if s)} "
+        "(or leave it unset) for full mode."
+    )
 
 
 def by_mode(full, quick):
@@ -27,21 +44,44 @@ def by_mode(full, quick):
     return quick if is_quick() else full
 
 
+DEVICE_ENV_VAR = "LLMS_DEVICE"
+
+
+def available_devices() -> list[str]:
+    """The device types this machine can use, best first (``cpu`` is always there)."""
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return [*devices, "cpu"]
+
+
 def get_device(prefer: str | None = None) -> torch.device:
     """Pick the best available device: CUDA, then Apple MPS, then CPU.
 
-    ``prefer`` (or the ``LLMS_DEVICE`` environment variable) forces one, e.g. ``"cpu"``,
-    which helps when comparing results across machines.
+    ``prefer`` (or the ``LLMS_DEVICE`` environment variable) forces one, e.g. ``"cpu"`` or
+    ``"cuda:1"``, which helps when comparing results across machines. A device that is not a
+    device name, or that this machine does not have, raises ValueError listing the ones it has.
     """
-    choice = prefer or os.environ.get("LLMS_DEVICE")
-    if choice:
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    choice = prefer or os.environ.get(DEVICE_ENV_VAR)
+    available = available_devices()
+    if not choice:
+        return torch.device(available[0])
+    source = f"get_device({choice!r})" if prefer else f"{DEVICE_ENV_VAR}={choice!r}"
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in available:
+        raise ValueError(
+            f"{source}: this machine cannot use that device; available: {', '.join(available)}. "
+            f"Unset {DEVICE_ENV_VAR} to pick the best one automatically."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{source}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    return device
 
 
 def set_seed(seed: int = 123) -> None:
@@ -74,3 +114,42 @@ def banner() -> None:
         "mode": f"quick ({QUICK_ENV_VAR}=1)" if is_quick() else "full",
     }
     print(" | ".join(f"{key}: {value}" for key, value in facts.items()))
+
+
+def temp_path_beside(target: str | os.PathLike) -> Path:
+    """Create a new, empty temporary file in ``target``'s folder and return its path.
+
+    Its name starts with a dot and ends in ``.part``. ``tempfile.mkstemp`` would always give mode
+    0600; this file gets the mode the user's umask gives any new file, so a data directory
+    shared by a group stays readable by the group.
+    """
+    target = Path(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # another name clashed (vanishingly rare): draw again
+            continue
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Write ``target`` all at once or not at all.
+
+    Yields a temporary path beside ``target``; write the file there. When the block ends without
+    an error the temporary file is renamed onto ``target`` (an atomic step on one file system),
+    otherwise it is deleted and ``target`` keeps its old content::
+
+        with atomic_path("model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

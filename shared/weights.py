@@ -25,15 +25,17 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shared.data import data_dir
 from shared.download import download, host_url
-from shared.model import GPTModel
+from shared.model import GPTConfig, GPTModel, build_on_meta, check_config
+from shared.utils import atomic_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"  # what save_pretrained writes for a sharded model
 
 # Our preset names -> the Hugging Face repositories that publish the weights.
 HF_REPOS = {
@@ -85,8 +87,15 @@ class ShapeMismatchError(CheckpointError):
 # ---------------------------------------------------------------------------------------
 
 
-def config_from_hf(hf: dict) -> dict:
+def config_from_hf(hf: dict) -> GPTConfig:
     """Translate a GPT-2 ``config.json`` into our config dict (raise on what GPTModel cannot do)."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"a GPT-2 config is a JSON object, got {type(hf).__name__}.")
+    missing = [key for key in ("vocab_size", "n_embd", "n_head", "n_layer") if key not in hf]
+    if "n_positions" not in hf and "n_ctx" not in hf:
+        missing.append("n_positions")
+    if missing:
+        raise CheckpointError(f"the GPT-2 config lacks {missing}.")
     emb_dim = hf["n_embd"]
     if hf.get("n_inner") not in (None, 4 * emb_dim):
         raise CheckpointError(
@@ -116,7 +125,7 @@ def config_from_hf(hf: dict) -> dict:
     }
 
 
-def config_to_hf(cfg: dict) -> dict:
+def config_to_hf(cfg: GPTConfig) -> dict:
     """Our config dict as a GPT-2 ``config.json`` that transformers' GPT2Config reads."""
     if cfg["norm"] != "layernorm":
         raise ValueError(
@@ -176,30 +185,57 @@ def _our_name(hf_name: str) -> tuple[str | None, bool]:
 # ---------------------------------------------------------------------------------------
 
 
-def load_hf_gpt2(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> GPTModel:
-    """Load a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``) into a GPTModel.
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    Returns the model in eval mode. ``dtype`` converts the weights (default: as stored).
-    Raises :class:`ShapeMismatchError` naming the tensor and both shapes when the file does not
-    fit its own config, and :class:`CheckpointError` for missing or unexpected tensors.
-    """
-    folder = Path(path)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch floating-point dtype; the names "float32", "float16", "bfloat16" work too."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(
+                f"dtype {dtype!r} is not one of {list(_DTYPES)} (or a torch dtype such as torch.float16)."
+            )
+        return _DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating-point torch dtype or one of {list(_DTYPES)}, got {dtype!r}."
+        )
+    return dtype
+
+
+def _read_config(config_path: Path) -> GPTConfig:
+    """Our config from a checkpoint's config.json; a CheckpointError names the file when it is bad."""
+    try:
+        cfg = config_from_hf(json.loads(config_path.read_text(encoding="utf-8")))
+        cfg = check_config(cfg)  # the type and range of every value
+    except (UnicodeDecodeError, json.JSONDecodeError, CheckpointError, ValueError) as error:
+        raise CheckpointError(
+            f"{config_path} is not a usable GPT-2 config: {str(error).rstrip('.')}. Download it again, or write it with "
+            "shared.weights.save_hf_gpt2 or GPT2LMHeadModel.save_pretrained."
+        ) from error
+    return cfg
+
+
+def _check_checkpoint_files(folder: Path, config_path: Path, weights_path: Path) -> None:
+    if not weights_path.is_file() and (folder / SHARD_INDEX_FILE).is_file():
+        raise CheckpointError(
+            f"{folder} holds a sharded checkpoint ({SHARD_INDEX_FILE} and several model-*.safetensors), "
+            f"but load_hf_gpt2 reads one {WEIGHTS_FILE}. GPT-2 fits in one file: re-save it with "
+            "GPT2LMHeadModel.from_pretrained(folder).save_pretrained(new_folder, max_shard_size='100GB')."
+        )
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(
                 f"{needed} not found: a GPT-2 checkpoint folder needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                 "(see shared.weights.download_gpt2)."
             )
-    cfg = config_from_hf(json.loads(config_path.read_text()))
 
-    # Shapes without storage: nothing is allocated or randomly initialised here.
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
 
+def _read_tensors(weights_path: Path, expected: dict, device, dtype) -> dict[str, torch.Tensor]:
+    """Our name -> tensor for every tensor in the file, transposed and converted as needed."""
     state = {}
     with safe_open(weights_path, framework="pt", device=str(device)) as f:
         for hf_name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -225,7 +261,37 @@ def load_hf_gpt2(
             if dtype is not None:
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
+    return state
 
+
+def load_hf_gpt2(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> GPTModel:
+    """Load a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``) into a GPTModel.
+
+    Returns the model in eval mode. ``dtype`` converts the weights (default: as stored); it is a
+    torch dtype or one of the names "float32", "float16", "bfloat16".
+    Raises :class:`ShapeMismatchError` naming the tensor and both shapes when the file does not
+    fit its own config, and :class:`CheckpointError` for missing or unexpected tensors, a
+    damaged or truncated file, an invalid config.json, or a sharded checkpoint.
+    """
+    dtype = _as_dtype(dtype)
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    _check_checkpoint_files(folder, config_path, weights_path)
+    cfg = _read_config(config_path)
+
+    # Shapes without storage: nothing is allocated or randomly initialised here.
+    model = build_on_meta(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
+
+    try:
+        state = _read_tensors(weights_path, expected, device, dtype)
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated or "
+            "an HTML page saved under that name. Delete it and download it again."
+        ) from error
     if cfg["tie_weights"]:
         # A tied checkpoint stores only wte; the head is the same tensor.
         if "out_head.weight" in state:
@@ -283,8 +349,12 @@ def save_hf_gpt2(model: GPTModel, path: str | os.PathLike) -> Path:
         tensor = tensor.detach().to("cpu")
         tensors[hf_name] = (tensor.t() if transposed else tensor).contiguous()
 
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    # Each file is written under a temporary name and renamed, so a crash never leaves a
+    # half-written file that a later load would trip over.
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
     return folder
 
 

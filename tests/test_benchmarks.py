@@ -3,6 +3,7 @@
 Timings are never asserted; only that every number is there and positive.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_benchmark(name: str, tmp_path: Path) -> tuple[dict, str]:
+def run_benchmark(name: str, tmp_path: Path, timeout: float = 180) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -23,27 +24,64 @@ def run_benchmark(name: str, tmp_path: Path) -> tuple[dict, str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    report = json.loads(out.read_text())
+    # One environment record, written by benchmarks/common.py, in every report.
+    assert ENVIRONMENT_KEYS <= report["environment"].keys()
+    assert report["environment"]["versions"]["torch"] and report["environment"]["torch_threads"] >= 1
+    return report, result.stdout
+
+
+ENVIRONMENT_KEYS = {"python", "versions", "platform", "cpu", "cpu_count", "torch_threads", "device", "quick"}
+
+
+def _load_common():
+    # benchmarks/ is a folder of scripts, not a package: load its helper module by path.
+    spec = importlib.util.spec_from_file_location("benchmarks_common", ROOT / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timing_interleaves_candidates_sets_each_up_per_round_and_drops_the_warm_up():
+    common = _load_common()
+    calls = []
+
+    def candidate(name):
+        def setup():
+            calls.append(f"setup {name}")
+            return lambda: calls.append(name)
+
+        return setup
+
+    samples = common.time_interleaved({"a": candidate("a"), "b": candidate("b")}, rounds=2, steps=3)
+    one_round = ["setup a", "a", "a", "a", "setup b", "b", "b", "b"]
+    assert calls == one_round * 3  # a warm-up round, then two recorded rounds
+    assert {name: len(values) for name, values in samples.items()} == {"a": 2, "b": 2}
+    assert all(seconds >= 0 for values in samples.values() for seconds in values)
 
 
 def test_tokenizer_benchmark_reports_throughput_and_training_times(tmp_path):
     result, _ = run_benchmark("tokenizer", tmp_path)
-    assert result["encode"]["ours_mb_per_s"] > 0
-    assert result["encode"]["tiktoken_mb_per_s"] > 0
+    assert result["encode"]["ours"]["mb_per_s"] > 0
+    assert result["encode"]["tiktoken"]["mb_per_s"] > 0
     assert result["encode"]["ids_match"] is True
-    assert {row["vocab_size"] for row in result["train"]} == {512, 1000, 4096}
-    assert all(row["seconds"] > 0 for row in result["train"])
+    assert {row["vocab_size"]: row["reached"] for row in result["train"]} == {
+        512: 512,
+        1000: 1000,
+        4096: 2774,
+    }
+    assert all(row["median_s"] > 0 for row in result["train"])
 
 
 def test_attention_benchmark_reports_every_implementation(tmp_path):
     report, stdout = run_benchmark("attention", tmp_path)
     assert "| implementation" in stdout
     assert report["benchmark"] == "attention"
-    assert report["config"]["quick"] is True
-    assert {"batch", "tokens", "d_model", "num_heads", "rounds"} <= report["config"].keys()
+    assert report["environment"]["quick"] is True
+    assert {"batch", "tokens", "d_model", "num_heads", "rounds", "steps"} <= report["config"].keys()
     assert "gpu" in report
     names = {row["name"] for row in report["results"]}
     assert {"single-head wrapper", "split heads, explicit mask", "shared (SDPA)"} <= names
@@ -55,7 +93,7 @@ def test_attention_benchmark_reports_every_implementation(tmp_path):
 def test_model_benchmark_reports_training_and_generation(tmp_path):
     pytest.importorskip("transformers")
     result, _ = run_benchmark("model", tmp_path)
-    assert result["quick"] is True
+    assert result["environment"]["quick"] is True
     assert result["matmul_peak_flops"] > 0
     rows = {(r["model"], r["adamw"]): r for r in result["training"]}
     for model in ("ours", "hf"):
@@ -65,6 +103,47 @@ def test_model_benchmark_reports_training_and_generation(tmp_path):
     generation = {r["model"]: r for r in result["generation"]["rows"]}
     assert {"ours (KV cache)", "ours (no cache)", "hf generate (cache)"} <= set(generation)
     assert result["generation"]["hf_same_tokens"] is True
+
+
+def test_classify_benchmark_reports_both_loops_and_the_ratio(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("classify", tmp_path)
+    assert "| book `train_classifier_simple`" in stdout
+    assert result["quick"] is True
+    assert result["max_logit_difference_before_training"] < 1e-3  # the same weights in both models
+    for side in ("book", "ours"):
+        assert result[f"{side}_seconds"] > 0
+        assert 0 <= result[f"{side}_test_acc"] <= 1
+    assert result["speedup"] > 0
+    # Dynamic padding trains on fewer (padded) tokens than padding everything to the longest message.
+    assert result["rounds"][0]["ours"]["train_tokens"] < result["rounds"][0]["book"]["train_tokens"]
+
+
+def test_generate_responses_benchmark_reports_each_share_with_the_same_tokens(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    report, stdout = run_benchmark("generate_responses", tmp_path)
+    assert "| run |" in stdout
+    assert report["benchmark"] == "generate_responses" and report["environment"]["quick"] is True
+    runs = {row["run"]: row for row in report["results"]}
+    assert len(runs) == 4 and any(name.startswith("book") for name in runs)
+    for row in runs.values():
+        assert row["seconds"] > 0 and row["speedup_vs_book"] > 0
+        assert row["same_tokens"] is True  # every approach generates exactly the same tokens
+    assert all(value > 0 for value in report["shares"].values())
+
+
+def test_pretrain_benchmark_reports_memory_speed_and_ddp(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("pretrain", tmp_path, timeout=600)
+    assert "| corpus |" in stdout
+    assert result["environment"]["quick"] is True
+    assert [row["scale"] for row in result["memory"]] == [1, 4]
+    for row in result["memory"]:
+        assert row["prepare_mb_per_s"] > 0 and row["tokens"] > 0
+        assert row["prepare_peak_rss_mb"] > 0 and row["train_peak_rss_mb"] > 0 and row["book_peak_rss_mb"] > 0
+    assert result["speed"]["ours_tokens_per_s"] > 0 and result["speed"]["book_tokens_per_s"] > 0
+    assert result["ddp"]["ddp"]["ranks_identical"] is True and result["ddp"]["single"]["ms_per_step"] > 0
+    assert (tmp_path / "pretrain_memory.png").is_file()
 
 
 def test_train_benchmark_checks_equal_losses_and_reports_both_loops(tmp_path):

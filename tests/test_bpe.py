@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -293,6 +294,57 @@ def test_loading_a_file_that_is_not_a_tokenizer_is_a_clear_error(tmp_path):
     path.write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="not a tokenizer saved by BPETokenizer.save"):
         BPETokenizer.load(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda text, doc: text[: len(text) // 2], "not valid JSON"),
+        (lambda text, doc: json.dumps([doc]), "expected a JSON object"),
+        (lambda text, doc: json.dumps({**doc, "vocab": list(doc["vocab"])}), "'vocab' should be a JSON dict"),
+        (lambda text, doc: json.dumps({**doc, "merges": "a b"}), "'merges' should be a JSON list"),
+        (
+            lambda text, doc: json.dumps({**doc, "vocab": {k: str(v) for k, v in doc["vocab"].items()}}),
+            "ids must be integers",
+        ),
+        (
+            lambda text, doc: json.dumps({**doc, "special_tokens": {"<|endoftext|>": "999"}}),
+            "ids must be integers",
+        ),
+        (
+            lambda text, doc: json.dumps({**doc, "merges": [*doc["merges"], 7]}),
+            "every merge should be a string",
+        ),
+        (lambda text, doc: json.dumps({**doc, "merges": [*doc["merges"], "zzz"]}), "merge line"),
+        (lambda text, doc: json.dumps({**doc, "pattern": "(unclosed"}), "missing \\)"),
+    ],
+    ids=[
+        "truncated",
+        "list",
+        "vocab-list",
+        "merges-string",
+        "ids-as-strings",
+        "special-id-string",
+        "merge-not-string",
+        "merge-unknown-token",
+        "bad-pattern",
+    ],
+)
+def test_loading_a_damaged_file_names_the_file_and_the_problem(trained, tmp_path, damage, message):
+    path = trained.save(tmp_path / "tokenizer.json")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(damage(text, json.loads(text)), encoding="utf-8")
+    with pytest.raises(
+        ValueError, match="tokenizer.json is not a tokenizer saved by BPETokenizer.save"
+    ) as caught:
+        BPETokenizer.load(path)
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
+@pytest.mark.parametrize("specials", ["", {""}, {"<|endoftext|>", ""}])
+def test_training_with_an_empty_special_token_is_refused(specials):
+    with pytest.raises(ValueError, match="special tokens must be non-empty strings"):
+        BPETokenizer().train("some text to train on", 300, allowed_special=specials)
 
 
 def test_byte_map_is_printable_and_reversible():

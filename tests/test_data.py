@@ -2,6 +2,7 @@
 
 import json
 import socket
+import zipfile
 
 import pytest
 
@@ -44,6 +45,50 @@ def test_sms_spam_loader_keeps_all_5574_messages():
     assert len(quoted) > 0
     assert quoted["Text"].iloc[0].startswith('"Wen u miss someone, the person is definitely')
     assert not quoted["Text"].str.contains("\n").any()  # no line was merged into another
+
+
+def _sms_zip(path, table=b"ham\tSee you at 5\nspam\tWIN a prize now\n"):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("SMSSpamCollection", table)
+        zf.writestr("readme", b"a two-message stand-in for the SMS Spam Collection")
+    return path
+
+
+@pytest.fixture
+def sms_mirror(tmp_path, monkeypatch, serve_folder):
+    """An empty data directory and a local mirror for the SMS zip (no fallback URL)."""
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
+    mirror = tmp_path / "mirror"
+    (mirror / "sms").mkdir(parents=True)
+    monkeypatch.setenv("LLMS_UCI_BASE_URL", serve_folder(mirror))
+    monkeypatch.setitem(data.REMOTE_FILES, "sms+spam+collection.zip", data.RemoteFile("uci", "sms/spam.zip"))
+    monkeypatch.setattr(data, "SMS_SPAM_COUNTS", {"ham": 1, "spam": 1})
+    return mirror / "sms" / "spam.zip"
+
+
+@pytest.mark.parametrize(
+    "bad_bytes",
+    [b"<html><body>Please log in to the hotel Wi-Fi</body></html>", "truncated"],
+    ids=["captive-portal-page", "truncated-zip"],
+)
+def test_damaged_sms_zip_is_deleted_and_fetched_again(sms_mirror, tmp_path, bad_bytes):
+    good = _sms_zip(sms_mirror).read_bytes()
+    saved = tmp_path / "data" / "sms+spam+collection.zip"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(good[: len(good) // 2] if bad_bytes == "truncated" else bad_bytes)
+    frame = data.load_sms_spam()
+    assert frame["Label"].tolist() == ["ham", "spam"]
+    assert saved.read_bytes() == good
+
+
+def test_sms_zip_that_stays_damaged_says_which_file_to_replace_and_where(sms_mirror, tmp_path):
+    sms_mirror.write_bytes(b"<html>still the login page</html>")
+    saved = tmp_path / "data" / "sms+spam+collection.zip"
+    with pytest.raises(data.DataValidationError, match="not a valid zip archive") as caught:
+        data.load_sms_spam()
+    message = str(caught.value)
+    assert f"save it as {saved}" in message and "sms/spam.zip" in message
+    assert not saved.exists()  # the next call fetches again instead of failing on the same file
 
 
 def test_instruction_loader_returns_1100_valid_entries():

@@ -53,6 +53,24 @@ def test_max_length_below_one_is_an_error():
         GPTDataset(list(range(10)), max_length=0, stride=1)
 
 
+def test_float_ids_are_refused_instead_of_truncated():
+    with pytest.raises(ValueError, match="must be integers"):
+        GPTDataset([1.0, 2.5, 3.0, 4.0, 5.0, 6.0], max_length=4, stride=1)
+
+
+def test_negative_id_is_refused():
+    with pytest.raises(ValueError, match="contain -1, outside the vocabulary"):
+        GPTDataset([1, 2, -1, 4, 5, 6], max_length=4, stride=1)
+
+
+def test_id_at_or_above_vocab_size_is_refused_when_vocab_size_is_given():
+    GPTDataset([1, 2, 9, 4, 5, 6], max_length=4, stride=1)  # no vocab_size: any id >= 0 is fine
+    with pytest.raises(ValueError, match=r"contain 10, outside the vocabulary \(ids run from 0 to 9\)"):
+        GPTDataset([1, 2, 10, 4, 5, 6], max_length=4, stride=1, vocab_size=10)
+    with pytest.raises(ValueError, match="contain 10, outside"):
+        create_dataloader([1, 2, 10, 4, 5, 6], batch_size=1, max_length=4, stride=1, vocab_size=10)
+
+
 def test_first_batch_of_the_verdict_is_the_books():
     loader = create_dataloader(data.load_the_verdict(), batch_size=1, max_length=4, stride=1, shuffle=False)
     inputs, targets = next(iter(loader))

@@ -1,7 +1,9 @@
 """Downloads against a real local HTTP server, and safe zip extraction."""
 
 import hashlib
-import socket
+import os
+import re
+import stat
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,15 +50,6 @@ def server():
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture
-def closed_port_url():
-    """A URL on 127.0.0.1 where nothing listens: connections are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def _leftovers(folder):
@@ -109,12 +102,84 @@ def test_unreachable_server_gives_clear_offline_error(closed_port_url, tmp_path)
     assert _leftovers(tmp_path) == []
 
 
+def test_zero_retries_still_tries_once_and_reports_the_url(closed_port_url, tmp_path):
+    url = f"{closed_port_url}/file.txt"
+    with pytest.raises(download.DownloadError, match=f"- {url}: unreachable"):
+        download.download(url, tmp_path / "file.txt", retries=0, progress=False)
+
+
+def test_server_that_never_answers_times_out_instead_of_hanging(silent_server_url, tmp_path):
+    with pytest.raises(download.DownloadError, match="timed out"):
+        download.download(
+            f"{silent_server_url}/file.txt", tmp_path / "file.txt", timeout=0.5, retries=1, progress=False
+        )
+    assert _leftovers(tmp_path) == []
+
+
 def test_interrupted_transfer_is_retried_and_leaves_no_partial_file(server, tmp_path):
     dest = tmp_path / "file.txt"
     with pytest.raises(download.DownloadError, match="connection closed after"):
         download.download(f"{server}/truncated.txt", dest, retries=2, progress=False)
     assert _Handler.hits == ["/truncated.txt", "/truncated.txt"]
     assert _leftovers(tmp_path) == []
+
+
+def test_destination_that_is_a_folder_is_refused_at_once(server, tmp_path):
+    with pytest.raises(
+        download.DestinationError, match="is a folder; download\\(\\) needs the path of the file"
+    ):
+        download.download(f"{server}/file.txt", tmp_path, progress=False)
+    assert _Handler.hits == []
+
+
+def test_destination_under_a_file_is_a_destination_error_not_a_network_hint(server, tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(download.DestinationError, match="Cannot write") as caught:
+        download.download(f"{server}/file.txt", tmp_path / "a-file" / "file.txt", progress=False)
+    assert "offline" not in str(caught.value) and "not the network" in str(caught.value)
+    assert _Handler.hits == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders"
+)
+def test_read_only_destination_is_a_destination_error_not_a_network_hint(server, tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(download.DestinationError, match="Cannot write") as caught:
+            download.download(f"{server}/file.txt", folder / "file.txt", progress=False)
+    finally:
+        folder.chmod(0o755)
+    assert "offline" not in str(caught.value)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_downloaded_and_extracted_files_follow_the_umask(server, tmp_path, umask, mask, mode):
+    umask(mask)
+    dest = download.download(f"{server}/file.txt", tmp_path / "file.txt", progress=False)
+    assert stat.S_IMODE(dest.stat().st_mode) == mode
+    extracted = download.safe_extract_zip(_zip_with(tmp_path / "ok.zip", ["sub/a.txt"]), tmp_path / "out")
+    assert stat.S_IMODE(extracted[0].stat().st_mode) == mode
+
+
+def test_finished_download_leaves_one_short_line_with_name_size_and_time(server, tmp_path, capsys):
+    download.download(f"{server}/file.txt", tmp_path / "file.txt")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n")
+    last = err.rsplit("\r", 1)[-1].rstrip()  # what a terminal or JupyterLab shows after each \r
+    assert re.fullmatch(r"file\.txt: 76\.0 kB in \d+\.\d s", last), repr(err)
+    download.download(f"{server}/file.txt", tmp_path / "quiet.txt", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_host_base_url_can_be_overridden(monkeypatch):
@@ -139,6 +204,28 @@ def test_archive_with_escaping_member_is_refused(tmp_path, bad_name):
         download.safe_extract_zip(archive, out)
     assert not out.exists()  # nothing is written when any member is unsafe
     assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["a", "a/b.txt"], ["a/b.txt", "a"], ["x/y", "x/y/z.txt"], ["d/", "d/e.txt", "d/e.txt/f.txt"]],
+    ids=["file-then-folder", "folder-then-file", "nested", "deeper"],
+)
+def test_archive_with_a_name_that_is_both_file_and_folder_is_refused_before_writing(tmp_path, names):
+    archive = _zip_with(tmp_path / "clash.zip", names)
+    out = tmp_path / "out"
+    with pytest.raises(download.UnsafeArchiveError, match="also has a folder of that name"):
+        download.safe_extract_zip(archive, out)
+    assert not out.exists()
+
+
+def test_archive_that_clashes_with_files_already_there_is_refused_before_writing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the archive needs a folder")
+    with pytest.raises(download.UnsafeArchiveError, match="needs a folder at"):
+        download.safe_extract_zip(_zip_with(tmp_path / "ok.zip", ["a.txt", "sub/b.txt"]), out)
+    assert sorted(p.name for p in out.iterdir()) == ["sub"]
 
 
 def test_archive_extracts_nested_members(tmp_path):

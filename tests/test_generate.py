@@ -147,12 +147,33 @@ def test_top_k_and_top_p_only_ever_sample_allowed_tokens():
         ({"top_p": 1.5}, "top_p"),
         ({"context_size": 18}, "context_size"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"eos_id": 101}, "eos_id must be a token id from 0 to 100"),
+        ({"eos_id": -1}, "eos_id must be a token id from 0 to 100"),
     ],
 )
 def test_bad_arguments_raise_value_errors(model, kwargs, message):
     kwargs = {"max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, prompt(1, 3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"temperature": 1.0, "top_k": 0}, "top_k must be an integer >= 1"),
+        ({"temperature": 1.0, "top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": 1.0, "top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_next_token_validates_like_generate(kwargs, message):
+    logits = torch.randn(2, TINY["vocab_size"])
+    with pytest.raises(ValueError, match=message):
+        next_token(logits, **kwargs)
 
 
 def test_greedy_output_matches_transformers_generate():

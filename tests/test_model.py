@@ -76,6 +76,46 @@ def test_unknown_config_key_and_bad_norm_raise_value_errors():
         GPTModel({**TINY, "norm": "batchnorm"})
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("emb_dim", "30"),
+        ("emb_dim", 30.0),
+        ("emb_dim", 0),
+        ("emb_dim", -30),
+        ("n_heads", 0),
+        ("n_heads", -3),
+        ("n_layers", 0),
+        ("vocab_size", 0),
+        ("vocab_size", -1),
+        ("context_length", 0),
+        ("norm_eps", 0),
+        ("norm_eps", -1e-5),
+        ("norm_eps", "1e-5"),
+        ("drop_rate", -0.1),
+        ("drop_rate", 1.0),
+        ("drop_rate", "0.1"),
+        ("qkv_bias", "true"),
+        ("qkv_bias", 1),
+        ("tie_weights", "false"),
+        ("n_layers", True),
+    ],
+)
+def test_config_value_of_wrong_type_or_range_raises_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"GPT config: {key} must be"):
+        GPTModel({**TINY, key: value})
+
+
+def test_tie_weights_given_as_the_string_false_does_not_tie():
+    with pytest.raises(ValueError, match="non-empty string counts as true"):
+        GPTModel({**TINY, "tie_weights": "false"})
+
+
+def test_config_that_is_not_a_dict_is_refused():
+    with pytest.raises(ValueError, match="a GPT config is a dict"):
+        GPTModel(list(TINY.items()))
+
+
 def test_emb_dim_not_divisible_by_heads_raises_with_both_numbers():
     with pytest.raises(ValueError, match=r"emb_dim \(31\).*n_heads \(3\)"):
         GPTModel({**TINY, "emb_dim": 31})
@@ -90,6 +130,25 @@ def test_input_longer_than_context_raises_a_value_error():
 def test_token_ids_without_a_batch_dimension_get_a_clear_error():
     with pytest.raises(ValueError, match=r"shape \(batch, tokens\), got \(5,\).*unsqueeze\(0\)"):
         tiny_model()(torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("bad_id", "shown"), [(101, "101"), (10_000, "10000"), (-1, "-1")])
+def test_token_id_outside_the_vocabulary_is_named(bad_id, shown):
+    idx = torch.tensor([[1, 2, bad_id, 3]])
+    with pytest.raises(ValueError, match=f"contain {shown}, outside the vocabulary.*0 to 100"):
+        tiny_model()(idx)
+
+
+def test_float_token_ids_are_refused_not_rounded():
+    with pytest.raises(ValueError, match="must be integers, got a tensor of dtype torch.float32"):
+        tiny_model()(torch.tensor([[1.0, 2.7]]))
+
+
+def test_int32_token_ids_are_accepted():
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5))
+    model = tiny_model()
+    with torch.no_grad():
+        assert torch.equal(model(idx.int()), model(idx))
 
 
 def test_cached_forward_in_chunks_matches_one_full_forward():

@@ -23,6 +23,14 @@ def test_quick_mode_is_off_when_unset(monkeypatch):
     assert not utils.is_quick()
 
 
+@pytest.mark.parametrize("value", ["maybe", "2", "ture", "quick"])
+def test_quick_mode_refuses_an_unknown_spelling_and_lists_the_accepted_ones(monkeypatch, value):
+    monkeypatch.setenv("LLMS_QUICK", value)
+    with pytest.raises(ValueError, match=f"LLMS_QUICK='{value}' is neither on nor off") as caught:
+        utils.is_quick()
+    assert "1, true, yes, on" in str(caught.value) and "0, false, no, off" in str(caught.value)
+
+
 def _fake_accelerators(monkeypatch, cuda: bool, mps: bool):
     monkeypatch.delenv("LLMS_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -45,6 +53,21 @@ def test_device_can_be_forced_by_argument_or_environment(monkeypatch):
     assert utils.get_device().type == "cpu"
 
 
+@pytest.mark.parametrize("value", ["cuda", "mps", "banana", "cuda:0"])
+def test_device_that_this_machine_lacks_is_refused_naming_the_variable(monkeypatch, value):
+    _fake_accelerators(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setenv("LLMS_DEVICE", value)
+    with pytest.raises(ValueError, match=f"LLMS_DEVICE='{value}'") as caught:
+        utils.get_device()
+    assert "available: cpu" in str(caught.value)
+
+
+def test_device_argument_that_this_machine_lacks_is_refused(monkeypatch):
+    _fake_accelerators(monkeypatch, cuda=False, mps=True)
+    with pytest.raises(ValueError, match=r"get_device\('cuda'\).*available: mps, cpu"):
+        utils.get_device("cuda")
+
+
 def test_set_seed_makes_random_tensors_repeat():
     utils.set_seed(7)
     first = torch.rand(3)
@@ -61,3 +84,32 @@ def test_banner_prints_versions_device_and_mode(monkeypatch, capsys):
     monkeypatch.delenv("LLMS_QUICK")
     utils.banner()
     assert "mode: full" in capsys.readouterr().out
+
+
+def test_atomic_path_replaces_the_file_only_when_the_block_succeeds(tmp_path):
+    from shared.utils import atomic_path
+
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # the temporary file is gone
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_path_files_follow_the_umask(tmp_path):
+    import os
+
+    from shared.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "shared.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644

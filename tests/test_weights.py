@@ -1,9 +1,7 @@
 """shared.weights against transformers' GPT-2: load, export, both key layouts, errors, download."""
 
-import functools
-import http.server
 import json
-import threading
+import re
 
 import pytest
 import torch
@@ -169,6 +167,69 @@ def test_folder_without_safetensors_is_refused_with_what_is_needed(tmp_path):
         load_hf_gpt2(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"<html><body>Sign in to the hotel Wi-Fi</body></html>", "truncated"],
+    ids=["empty", "html-page", "truncated"],
+)
+def test_damaged_safetensors_file_is_named_with_what_to_do(tmp_path, content):
+    folder = tmp_path / "hf"
+    random_hf_model().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2] if content == "truncated" else content)
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors is not a readable safetensors file.*download it again"
+    ):
+        load_hf_gpt2(folder)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "problem"),
+    [
+        ('{"n_embd": 36, ', "Expecting"),
+        ("[1, 2]", "is a JSON object"),
+        (
+            json.dumps({**HF_SIZES, "n_head": None, "model_type": "gpt2"}),
+            "n_heads must be a positive integer",
+        ),
+        (json.dumps({k: v for k, v in HF_SIZES.items() if k != "n_layer"}), r"lacks \['n_layer'\]"),
+        (json.dumps({k: v for k, v in HF_SIZES.items() if k != "n_positions"}), r"lacks \['n_positions'\]"),
+    ],
+    ids=["truncated", "not-an-object", "bad-value", "missing-key", "no-positions"],
+)
+def test_invalid_or_incomplete_config_json_is_named(tmp_path, config_text, problem):
+    folder = tmp_path / "hf"
+    random_hf_model().save_pretrained(folder)
+    (folder / "config.json").write_text(config_text)
+    with pytest.raises(CheckpointError, match=r"config.json is not a usable GPT-2 config") as caught:
+        load_hf_gpt2(folder)
+    assert re.search(problem, str(caught.value)), str(caught.value)
+
+
+def test_sharded_checkpoint_says_how_to_make_one_file(tmp_path):
+    random_hf_model().save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with pytest.raises(CheckpointError, match=r"sharded checkpoint.*max_shard_size"):
+        load_hf_gpt2(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("torch.float32", torch.float32)],
+)
+def test_dtype_can_be_given_by_name(tmp_path, name, dtype):
+    random_hf_model().save_pretrained(tmp_path / "hf")
+    assert {p.dtype for p in load_hf_gpt2(tmp_path / "hf", dtype=name).parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("dtype", ["half-precision", "int8", torch.int8])
+def test_unknown_or_integer_dtype_is_refused(tmp_path, dtype):
+    random_hf_model().save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="dtype"):
+        load_hf_gpt2(tmp_path / "hf", dtype=dtype)
+
+
 def test_rmsnorm_model_cannot_be_exported(tmp_path):
     cfg = {
         "vocab_size": 11,
@@ -183,24 +244,15 @@ def test_rmsnorm_model_cannot_be_exported(tmp_path):
         save_hf_gpt2(GPTModel({**cfg, "norm": "rmsnorm"}), tmp_path / "x")
 
 
-def test_download_gpt2_fetches_through_the_hf_base_url_override(tmp_path, monkeypatch):
+def test_download_gpt2_fetches_through_the_hf_base_url_override(tmp_path, monkeypatch, serve_folder):
     # A local HTTP server plays the hub, serving a tiny checkpoint at the hub's paths.
     mirror = tmp_path / "mirror"
     repo = mirror / "openai-community" / "gpt2" / "resolve" / "main"
     hf = random_hf_model()
     hf.save_pretrained(repo)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("LLMS_HF_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
-        folder = download_gpt2("gpt2-small", progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    monkeypatch.setenv("LLMS_HF_BASE_URL", serve_folder(mirror))
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
+    folder = download_gpt2("gpt2-small", progress=False)
     assert folder == tmp_path / "data" / "gpt2-small"
     ours = load_hf_gpt2(folder)
     idx = batch()

@@ -1,0 +1,152 @@
+"""Appendix D at the book's scale: GPT-2 small on The Verdict, with and without the refinements.
+
+Two runs from the same initial weights and the same data order, through
+``shared.train.train_model``:
+
+- ``plain``: the ch05 loop, a constant learning rate of ``peak_lr``, no clipping;
+- ``refined``: linear warm-up from ``initial_lr`` to ``peak_lr`` over the first 20% of the
+  optimizer steps, cosine decay to ``min_lr``, and gradient clipping at a global norm of 1.0
+  from the end of warm-up on.
+
+Both record the global gradient norm of every step (the plain run measures it without ever
+clipping). Each run's losses, learning rates and norms go to ``appendix_D/book_scale_<run>.json``,
+which the appendix's README and notebook quote.
+
+From the repository root (a GPU takes seconds; a CPU takes 5-50 seconds a step, and the book's
+15 epochs are 135 steps a run)::
+
+    python appendix_D/book_scale.py                        # both runs, 15 epochs as in the book
+    python appendix_D/book_scale.py --run refined --epochs 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from shared.data import load_the_verdict
+from shared.dataloader import create_dataloader
+from shared.model import GPT_CONFIGS, GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import WarmupCosine, train_model
+from shared.utils import atomic_path, get_device, set_seed
+
+HERE = Path(__file__).resolve().parent
+
+# The book's appendix D settings. The book's text sets a peak of 5e-4, but its optimizer call
+# never passed it, so AdamW trained at its default of 1e-3; that is what its printed losses
+# show, and what we use.
+PEAK_LR = 1e-3
+INITIAL_LR = 1e-5
+MIN_LR = 1e-5
+WARMUP_FRACTION = 0.2
+MAX_NORM = 1.0
+WEIGHT_DECAY = 0.1
+SEED = 123
+
+
+def make_loaders(context_length: int):
+    """The ch05 split: the first 90% of the characters train, the rest validate."""
+    text = load_the_verdict()
+    split = int(0.9 * len(text))
+    set_seed(SEED)
+    train_loader = create_dataloader(
+        text[:split], batch_size=2, max_length=context_length, stride=context_length,
+        shuffle=True, drop_last=True,
+    )
+    val_loader = create_dataloader(
+        text[split:], batch_size=2, max_length=context_length, stride=context_length,
+        shuffle=False, drop_last=False,
+    )
+    return train_loader, val_loader
+
+
+def run(name: str, refined: bool, num_epochs: int, device, cfg: dict) -> dict:
+    train_loader, val_loader = make_loaders(cfg["context_length"])
+    set_seed(SEED)
+    model = GPTModel(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=WEIGHT_DECAY)
+    total_steps = len(train_loader) * num_epochs
+    warmup_steps = int(WARMUP_FRACTION * total_steps)
+    schedule = None
+    if refined:
+        schedule = WarmupCosine(
+            optimizer, peak_lr=PEAK_LR, total_steps=total_steps, warmup_steps=warmup_steps,
+            initial_lr=INITIAL_LR, min_lr=MIN_LR,
+        )
+    started = time.perf_counter()
+    history = train_model(
+        model, train_loader, val_loader, optimizer, device,
+        num_epochs=num_epochs, eval_freq=5, eval_iter=1,
+        start_context="Every effort moves you", tokenizer=get_gpt2_tokenizer(),
+        lr_schedule=schedule,
+        grad_clip=MAX_NORM,
+        # The plain run measures the norm at every step but never clips: its first clipping
+        # step lies beyond the end of the run.
+        clip_from_step=warmup_steps if refined else total_steps + 1,
+        progress=True,  # the bar's postfix shows each evaluation's losses in the log
+    )
+    seconds = time.perf_counter() - started
+    print(f"{name}: final train {history.train_losses[-1]:.3f}, val {history.val_losses[-1]:.3f}, "
+          f"{seconds / 60:.1f} min", flush=True)
+    return {
+        "refined": refined,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps if refined else None,
+        "eval_steps": history.eval_steps,
+        "train_losses": history.train_losses,
+        "val_losses": history.val_losses,
+        "tokens_seen": history.tokens_seen,
+        "lrs": history.lrs,
+        "grad_norms": history.grad_norms,
+        "clipped_steps": [step for step, clipped in enumerate(history.clipped) if clipped],
+        "minutes": round(seconds / 60, 2),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write all at once (temporary file, then rename): never a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--run", choices=("plain", "refined", "both"), default="both")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--out-dir", type=Path, default=HERE)
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    device = get_device()
+    cfg = {**GPT_CONFIGS["gpt2-small"], "context_length": 256}
+    payload = {
+        "settings": {
+            "model": "gpt2-small (qkv_bias False, untied output head), context 256, dropout 0.1",
+            "data": "The Verdict, 90/10 split, batch 2, stride 256",
+            "epochs": args.epochs, "peak_lr": PEAK_LR, "initial_lr": INITIAL_LR, "min_lr": MIN_LR,
+            "warmup_fraction": WARMUP_FRACTION, "max_norm": MAX_NORM,
+            "optimizer": f"torch.optim.AdamW(weight_decay={WEIGHT_DECAY})", "seed": SEED,
+            "eval_freq": 5, "eval_iter": 1,
+        },
+        "hardware": {"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
+                     "threads": torch.get_num_threads()},
+    }
+    names = ("plain", "refined") if args.run == "both" else (args.run,)
+    for name in names:
+        out = args.out_dir / f"book_scale_{name}.json"
+        write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg)})
+        print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What every benchmark shares: the ``--out`` argument, the record of the machine it ran on,
+interleaved timing, and the JSON report.
+
+Each benchmark is a script (``python benchmarks/<name>.py``); Python puts the script's folder
+on the import path, so ``from common import ...`` works from any working directory.
+
+Timing on a shared CPU drifts by 10-30% from minute to minute, so a single measurement cannot
+tell a 5% difference from noise. :func:`time_interleaved` therefore runs every candidate once
+per round, in turn (drift hits all of them alike), times several steps together in each sample
+(a short step's timer and scheduling noise are spread over the whole sample), discards warm-up
+rounds, and keeps every sample so the report can show the spread as well as the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from shared.utils import get_device, is_quick
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PEER_PACKAGES = ("torch", "tiktoken", "transformers", "regex", "llms-from-scratch")
+
+
+def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
+    """The one argument every benchmark takes: ``--out``, the JSON file to write."""
+    default = RESULTS_DIR / f"{name}.json"
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default, help=f"JSON file to write (default {default})")
+    return parser.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions, CPU, threads and device: what a reader needs to compare two reports."""
+    device = get_device()
+    record = {
+        "python": platform.python_version(),
+        "versions": {package: _version(package) for package in PEER_PACKAGES},
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "quick": is_quick(),
+    }
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
+def describe(record: dict) -> str:
+    """One line for the console: the facts of :func:`environment` a table needs beside it."""
+    mode = "quick" if record["quick"] else "full"
+    return (
+        f"{record['cpu']} ({record['cpu_count']} CPUs, torch on {record['torch_threads']} threads), "
+        f"device {record.get('gpu', record['device'])}, torch {record['versions']['torch']}, {mode} mode"
+    )
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], Callable[[], object]]],
+    rounds: int,
+    steps: int = 1,
+    warmup_rounds: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per step of every candidate, one sample per round: ``{name: [seconds, ...]}``.
+
+    ``candidates`` maps a name to a *setup* function. Each round, for each candidate in turn,
+    the setup runs untimed and returns the step to time (so state such as an optimizer exists
+    only while its candidate runs); then ``steps`` calls of it are timed together and divided
+    by ``steps``. The first ``warmup_rounds`` rounds are not recorded. ``sync`` (for example
+    ``torch.cuda.synchronize``) is called before the clock starts and stops.
+    """
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be at least 1, got rounds={rounds}, steps={steps}")
+    wait = sync or (lambda: None)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_index in range(warmup_rounds + rounds):
+        for name, setup in candidates.items():
+            step = setup()
+            wait()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            wait()
+            seconds = (time.perf_counter() - start) / steps
+            del step
+            if round_index >= warmup_rounds:
+                samples[name].append(seconds)
+    return samples
+
+
+def ready(function: Callable[[], object]) -> Callable[[], Callable[[], object]]:
+    """A setup for :func:`time_interleaved` that needs no preparation: it returns ``function``."""
+    return lambda: function
+
+
+def summary(samples: list[float]) -> dict:
+    """Median, fastest and slowest of one candidate's samples (seconds), and the samples."""
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "samples_s": samples,
+    }
+
+
+def write_report(path: Path, benchmark: str, record: dict, results: dict) -> Path:
+    """Write ``{"benchmark", "environment", **results}`` as JSON to ``path`` (atomically)."""
+    report = {"benchmark": benchmark, "environment": record, **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
+    print(f"\nwrote {path}")
+    return path

@@ -1,0 +1,192 @@
+"""Generate text from a trained model: greedy, temperature, top-k, top-p or beam search.
+
+From the repository root:
+
+    python ch05/generate.py --model runs/quick --prompt "Every effort moves you"
+    python ch05/generate.py --model runs/quick --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1
+    python ch05/generate.py --model checkpoints/ --beams 4 --interactive
+
+``--model`` is a folder in Hugging Face's GPT-2 format (``config.json`` + ``model.safetensors``,
+what ``ch05/pretrain.py --out`` writes and ``shared.weights.download_gpt2`` fetches), a
+checkpoint file written by ``shared.checkpoint``, or a folder of ``step_<N>.pt`` checkpoints
+(the newest readable one is used). ``--interactive`` keeps the model loaded and reads one
+prompt per line until end of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from shared.checkpoint import CheckpointError, read_checkpoint
+from shared.generate import generate
+from shared.model import GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.utils import get_device
+from shared.weights import CONFIG_FILE, WEIGHTS_FILE, load_hf_gpt2
+
+_STEP_FILE = re.compile(r"^step_\d+\.pt$")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPTModel:
+    """A GPTModel in eval mode from a Hugging Face folder, a checkpoint file or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return load_hf_gpt2(path).to(device).eval()
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if _STEP_FILE.match(p.name))
+        if not candidates:
+            raise FileNotFoundError(
+                f"{path} holds neither {CONFIG_FILE} + {WEIGHTS_FILE} nor step_<N>.pt checkpoints."
+            )
+        for candidate in reversed(candidates):
+            try:
+                return _from_checkpoint(candidate, device)
+            except CheckpointError as error:
+                print(f"warning: {error}\n  -> trying the previous checkpoint.", file=sys.stderr)
+        raise CheckpointError(f"no checkpoint in {path} is readable.")
+    if path.is_file():
+        return _from_checkpoint(path, device)
+    raise FileNotFoundError(f"{path} does not exist.")
+
+
+def _from_checkpoint(path: Path, device) -> GPTModel:
+    checkpoint = read_checkpoint(path)
+    if not checkpoint.get("config"):
+        raise CheckpointError(f"{path} holds no model config; it was not saved from a GPTModel.")
+    with torch.device("meta"):
+        model = GPTModel(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"], assign=True)
+    if model.cfg.get("tie_weights"):
+        model.out_head.weight = model.tok_emb.weight  # assign=True replaced both; share them again
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    eos_id: int | None = None,
+    length_penalty: float = 1.0,
+) -> torch.Tensor:
+    """The highest-scoring continuation of one prompt ``idx`` (1, tokens) found by beam search.
+
+    Keeps the ``num_beams`` best partial sequences by summed log-probability; a beam that has
+    produced ``eos_id`` is finished and only waits (its score frozen). The winner is chosen by
+    score / length ** length_penalty, so longer answers are not punished for having more terms.
+    With one beam this is greedy decoding.
+    """
+    if idx.shape[0] != 1:
+        raise ValueError(f"beam search takes one prompt at a time, got a batch of {idx.shape[0]}.")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}.")
+    context = model.context_length
+    beams = idx
+    scores = torch.zeros(1, device=idx.device)
+    finished = torch.zeros(1, dtype=torch.bool, device=idx.device)
+    lengths = torch.zeros(1, device=idx.device)  # generated tokens per beam, up to and with eos
+    for _ in range(max_new_tokens):
+        log_probs = model(beams[:, -context:])[:, -1, :].float().log_softmax(dim=-1)
+        if eos_id is not None and finished.any():
+            # A finished beam extends only by eos, at no cost, so it keeps its score and its place.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, eos_id] = 0.0
+        vocab = log_probs.shape[-1]
+        candidates = (scores[:, None] + log_probs).flatten()
+        scores, flat = candidates.topk(min(num_beams, candidates.numel()))
+        parents, tokens = flat // vocab, flat % vocab
+        lengths = lengths[parents] + (~finished[parents]).float()
+        finished = finished[parents]
+        beams = torch.cat([beams[parents], tokens[:, None]], dim=1)
+        if eos_id is not None:
+            finished = finished | (tokens == eos_id)
+            if finished.all():
+                break
+    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax()
+    return beams[best : best + 1]
+
+
+def complete(model: GPTModel, tokenizer, prompt: str, args, device) -> str:
+    """The model's continuation of ``prompt`` (the prompt itself not included)."""
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})
+    if not ids:
+        raise ValueError("the prompt is empty; type some text.")
+    idx = torch.tensor([ids[-model.context_length :]], device=device)
+    eos = None if args.no_stop else tokenizer.eot_token
+    if args.beams > 1:
+        out = beam_search(model, idx, args.max_new_tokens, args.beams, eos_id=eos)
+    else:
+        out = generate(
+            model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, eos_id=eos,
+        )  # fmt: skip
+    new = out[0, idx.shape[1] :].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return tokenizer.decode(new)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="HF-format folder, checkpoint file or checkpoint folder"
+    )
+    parser.add_argument("--prompt", default="Every effort moves you")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams (> 1)")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin")
+    args = parser.parse_args(argv)
+    if args.beams > 1 and (args.temperature > 0 or args.top_k or args.top_p):
+        parser.error(
+            "beam search is deterministic: do not combine --beams with --temperature, --top-k or --top-p."
+        )
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
+    return args
+
+
+def main(argv=None) -> list[str]:
+    args = parse_args(argv)
+    device = get_device(args.device)
+    try:
+        model = load_model(args.model, device)
+    except (FileNotFoundError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tokenizer = get_gpt2_tokenizer()
+    outputs = []
+
+    def answer(prompt: str) -> None:
+        torch.manual_seed(args.seed)  # the same prompt and seed give the same text
+        try:
+            text = complete(model, tokenizer, prompt, args, device)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return
+        outputs.append(text)
+        print(prompt + text, flush=True)
+
+    if not args.interactive:
+        answer(args.prompt)
+        return outputs
+    print("Type a prompt and press Enter (end of input, Ctrl-D, quits).", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        if line.strip():
+            answer(line.rstrip("\n"))
+    return outputs
+
+
+if __name__ == "__main__":
+    main()

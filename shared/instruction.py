@@ -1,0 +1,799 @@
+"""Instruction finetuning, the final form built in ch07.
+
+The pieces, in the order the chapter uses them:
+
+- prompt formats: the Alpaca template (the default) and the Phi-3 chat style;
+- :class:`InstructionDataset` (each entry tokenised once) and :func:`collate_fn`, which pads a
+  batch with the end-of-text id, shifts the targets by one and hides the padding (and, when asked,
+  the instruction) from the loss with ``ignore_index``;
+- :func:`generate_responses`: greedy (or sampled) answers to many prompts at once, with prompts
+  of different lengths padded on the left in one batch and a key/value cache;
+- offline metrics: :func:`rouge_l`, :func:`exact_match` and :func:`response_perplexity`;
+- LLM judges that score a response 0-100 through a local server (Ollama's ``/api/chat`` or any
+  OpenAI-compatible ``/v1/chat/completions``), using only the standard library, and
+  :func:`parse_score`, which reads the score out of the judge's reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+from shared.data import validate_instruction_entries
+from shared.generate import next_token
+
+END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
+
+# ---------------------------------------------------------------------------------------
+# Prompt formats
+# ---------------------------------------------------------------------------------------
+
+PROMPT_STYLES = ("alpaca", "phi3")
+
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+# What comes between the prompt and the answer; the model learns to write its answer after it.
+RESPONSE_HEADERS = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>\n"}
+
+
+def _check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}.")
+
+
+def format_input(entry: dict, style: str = "alpaca") -> str:
+    """The instruction (and the input, when there is one) in the chosen prompt style.
+
+    Alpaca: a fixed preamble, ``### Instruction:`` and, only when ``entry["input"]`` is not
+    empty, ``### Input:``. Phi-3: the instruction and input after a ``<|user|>`` line.
+    The response header is not included (see :func:`format_prompt`).
+    """
+    _check_style(style)
+    instruction, extra = entry["instruction"], entry.get("input", "")
+    if style == "phi3":
+        return f"<|user|>\n{instruction}" + (f"\n{extra}" if extra else "")
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if extra:
+        text += f"\n\n### Input:\n{extra}"
+    return text
+
+
+def format_prompt(entry: dict, style: str = "alpaca") -> str:
+    """What the model sees before it answers: :func:`format_input` plus the response header."""
+    return format_input(entry, style) + RESPONSE_HEADERS[style]
+
+
+def format_example(entry: dict, style: str = "alpaca") -> str:
+    """One training text: the prompt followed by the reference answer."""
+    return format_prompt(entry, style) + entry["output"]
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+def split_entries(entries: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.10):
+    """(train, test, validation) slices in file order: 935 / 110 / 55 for the 1,100 entries.
+
+    The first ``int(n * train_frac)`` entries train, the next ``int(n * test_frac)`` test, the
+    rest validate (the book's split, so losses can be compared with its notebook).
+    """
+    if not (0 < train_frac < 1 and 0 <= test_frac < 1 and train_frac + test_frac < 1):
+        raise ValueError(
+            f"train_frac ({train_frac}) and test_frac ({test_frac}) must be fractions that leave "
+            "something for validation."
+        )
+    n_train, n_test = int(len(entries) * train_frac), int(len(entries) * test_frac)
+    return (
+        list(entries[:n_train]),
+        list(entries[n_train : n_train + n_test]),
+        list(entries[n_train + n_test :]),
+    )
+
+
+class TokenizedExample(NamedTuple):
+    """One training example: its token ids and how many of them are the prompt."""
+
+    token_ids: list[int]
+    prompt_length: int
+
+
+class InstructionDataset(Dataset):
+    """Instruction entries, each formatted in ``style`` and tokenised once, up front.
+
+    Items are :class:`TokenizedExample`\\ s: the ids of prompt + response (no end-of-text yet:
+    :func:`collate_fn` adds it) and the number of prompt tokens, which instruction masking needs.
+    """
+
+    def __init__(self, entries: Sequence[dict], tokenizer, style: str = "alpaca"):
+        _check_style(style)
+        validate_instruction_entries(list(entries), source="InstructionDataset entries")
+        self.entries = list(entries)
+        self.style = style
+        self.examples: list[TokenizedExample] = []
+        for entry in self.entries:
+            # The whole text is tokenised at once, as the model will read it; the prompt's own
+            # tokens tell where it ends (BPE could merge across the seam, so take the common prefix).
+            ids = tokenizer.encode(format_example(entry, style))
+            prompt_ids = tokenizer.encode(format_prompt(entry, style))
+            prompt_length = 0
+            while (
+                prompt_length < min(len(ids), len(prompt_ids))
+                and ids[prompt_length] == prompt_ids[prompt_length]
+            ):
+                prompt_length += 1
+            self.examples.append(TokenizedExample(ids, prompt_length))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self.examples[index]
+
+
+def collate_fn(
+    batch: Sequence,
+    pad_token_id: int = END_OF_TEXT_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    device: str | torch.device = "cpu",
+    mask_instructions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a list of token-id lists into (inputs, targets), both (batch, length) int64 tensors.
+
+    1. Each sequence gets one end-of-text token (``pad_token_id``) appended, so the model learns
+       to stop, and is padded with the same id to the longest sequence in the batch (+1).
+    2. inputs = all but the last position, targets = the same shifted left by one.
+    3. In the targets, every padding token after a row's own end-of-text becomes
+       ``ignore_index``: the loss skips them, but still teaches the one end-of-text.
+    4. ``allowed_max_length`` cuts inputs and targets to at most that many positions.
+    5. ``mask_instructions=True`` also hides the prompt: targets that are prompt tokens become
+       ``ignore_index``, so only the response (and its end-of-text) is trained. The items must
+       then be :class:`TokenizedExample`\\ s (as :class:`InstructionDataset` gives), which carry
+       the prompt length.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate_fn got an empty batch; check the dataset and batch_size.")
+    if allowed_max_length is not None and allowed_max_length < 1:
+        raise ValueError(f"allowed_max_length must be >= 1 or None, got {allowed_max_length}.")
+    sequences, prompt_lengths = [], []
+    for index, item in enumerate(batch):
+        if isinstance(item, TokenizedExample):
+            ids, prompt_length = list(item.token_ids), item.prompt_length
+        else:
+            ids, prompt_length = list(item), None
+        if not ids:
+            raise ValueError(f"item {index} of the batch has no tokens; every example needs at least one.")
+        if mask_instructions and prompt_length is None:
+            raise ValueError(
+                "mask_instructions=True needs the prompt length of each item: pass TokenizedExample items "
+                "(InstructionDataset yields them), not plain token lists."
+            )
+        sequences.append(ids)
+        prompt_lengths.append(prompt_length)
+
+    width = max(len(ids) for ids in sequences)  # each row: its tokens + end-of-text + padding
+    inputs = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        n = len(ids)
+        inputs[row, :n] = torch.tensor(ids)
+        # Target j is the token after input j: ids[1:], then the end-of-text; the rest stays ignored.
+        targets[row, : n - 1] = torch.tensor(ids[1:], dtype=torch.long)
+        targets[row, n - 1] = pad_token_id
+        if mask_instructions:
+            # Target j is token j + 1; it belongs to the prompt when j + 1 < prompt_length.
+            targets[row, : max(prompt_length - 1, 0)] = ignore_index
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    return inputs.to(device), targets.to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# The model to finetune
+# ---------------------------------------------------------------------------------------
+
+# A stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode: GPT-2's
+# vocabulary and layout, but tiny, randomly initialised, and so knowing no English at all.
+SMALL_MODEL_CONFIG = {
+    "vocab_size": 50257,
+    "context_length": 256,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+    "tie_weights": True,
+}
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> torch.nn.Module:
+    """Set every dropout rate in ``model`` (the book finetunes GPT-2 with dropout 0)."""
+    from shared.attention import MultiHeadAttention
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = rate
+    if isinstance(getattr(model, "cfg", None), dict):
+        model.cfg["drop_rate"] = rate
+    return model
+
+
+class BaseModel(NamedTuple):
+    """The model to finetune, a line that says which one it is, and whether it was pretrained."""
+
+    model: torch.nn.Module
+    description: str
+    pretrained: bool
+
+
+# The tiny random model learns nothing at GPT-2's finetuning rate of 5e-5 in a few steps.
+SMALL_MODEL_LR = 1e-3
+PRETRAINED_LR = 5e-5
+
+
+def load_base_model(
+    size: str = "gpt2-medium", model_dir=None, small: bool = False, seed: int = 123
+) -> BaseModel:
+    """The model to finetune (see :class:`BaseModel`).
+
+    - ``model_dir``: a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``);
+    - ``small=True`` (quick mode): the tiny random :data:`SMALL_MODEL_CONFIG` model;
+    - otherwise OpenAI's GPT-2 of ``size``, downloaded once into the data directory. When that
+      fails (no network), the tiny random model instead, said so clearly, rather than an error.
+
+    Dropout is set to 0, as the book does for finetuning.
+    """
+    from shared.model import GPTModel
+    from shared.utils import set_seed
+    from shared.weights import download_gpt2, load_hf_gpt2
+
+    if model_dir is not None:
+        return BaseModel(
+            set_dropout(load_hf_gpt2(model_dir), 0.0), f"GPT-2 checkpoint from {model_dir}", True
+        )
+    if not small:
+        try:
+            model = load_hf_gpt2(download_gpt2(size))
+            return BaseModel(set_dropout(model, 0.0), f"OpenAI's pretrained {size}", True)
+        except (OSError, RuntimeError) as error:  # DownloadError is a RuntimeError
+            first_line = str(error).splitlines()[0]
+            print(f"Could not get {size} ({first_line}); using the tiny random stand-in model instead.")
+    set_seed(seed)
+    model = GPTModel(SMALL_MODEL_CONFIG)
+    description = "a TINY RANDOMLY INITIALISED stand-in (2 layers, 64 dims), not GPT-2: it knows no English"
+    return BaseModel(model, description, False)
+
+
+# ---------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_batch_ids(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int | None = END_OF_TEXT_ID,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """New token ids for each prompt in one batch (end-of-text and anything after it dropped).
+
+    The prompts are padded on the left to the same length, and an attention mask tells the
+    model which positions are padding: each row's positions start at 0 at its first real token
+    and no token attends to padding, so each row computes what it would compute alone. The
+    prompt runs through the model once, filling the key/value cache; after that each step feeds
+    only the newest token of every row. A row that produced ``eos_id`` is finished (it keeps
+    being fed ``eos_id`` so the batch stays rectangular); the loop ends when all rows are
+    finished, after ``max_new_tokens`` steps, or when the padded batch fills the context window.
+    The padding id ``pad_id`` never reaches the result: the mask hides it.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if len(prompt_ids) == 0:
+        return []
+    device = _model_device(model)
+    context_length = model.context_length
+    lengths = [len(ids) for ids in prompt_ids]
+    for index, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt {index} has no tokens.")
+        if n >= context_length:
+            raise ValueError(
+                f"prompt {index} has {n} tokens, but the model's context holds {context_length} and "
+                "needs room for at least one new token; shorten the prompt or use a model with a longer context."
+            )
+    width = max(lengths)
+    idx = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        idx[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    idx, mask = idx.to(device), mask.to(device)
+
+    steps = min(max_new_tokens, context_length - width)
+    finished = torch.zeros(len(lengths), dtype=torch.bool, device=device)
+    new_tokens = []
+    cache = model.new_cache()
+    logits = model(idx, cache=cache, attention_mask=mask)
+    for step in range(steps):
+        next_id = next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
+        if eos_id is not None:
+            next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
+            finished |= next_id.squeeze(1) == eos_id
+        new_tokens.append(next_id)
+        if step == steps - 1 or (eos_id is not None and bool(finished.all())):
+            break
+        mask = torch.cat((mask, torch.ones_like(next_id)), dim=1)
+        logits = model(next_id, cache=cache, attention_mask=mask)
+
+    generated = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in lengths]
+    if eos_id is not None:
+        generated = [ids[: ids.index(eos_id)] if eos_id in ids else ids for ids in generated]
+    return generated
+
+
+def clean_response(text: str) -> str:
+    """The answer alone: without surrounding whitespace or a leading response header the model wrote itself."""
+    text = text.strip()
+    for header in RESPONSE_HEADERS.values():
+        label = header.strip()
+        if text.startswith(label):
+            text = text[len(label) :].strip()
+    return text
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    eos_id: int = END_OF_TEXT_ID,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """The model's response to each formatted prompt, in the order of ``prompts``.
+
+    Greedy by default (``temperature=0``), so the result is exactly what one-at-a-time greedy
+    generation gives, only faster:
+
+    - prompts are sorted by token length and batched ``batch_size`` at a time, so a batch holds
+      prompts of similar length and little padding; inside a batch they are padded on the left
+      with an attention mask (see :func:`generate_batch_ids`);
+    - a key/value cache means each new token costs one position, not the whole sequence;
+    - each row stops at its own end-of-text; the batch stops when all rows have.
+
+    The text of each response is the new tokens only (the prompt is cut off by position), with
+    surrounding whitespace and a leading response header removed, in case the prompts did not
+    end with one. ``device`` moves the model there first (default: where it is). The model runs
+    in eval mode (dropout off) and is put back in its previous mode afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompt strings, not one string; wrap it in a list.")
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        encoded = [tokenizer.encode(prompt) for prompt in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="generating", unit="batch")
+        responses: list[str] = [""] * len(prompts)
+        for rows in batches:
+            new_ids = generate_batch_ids(
+                model, [encoded[i] for i in rows], max_new_tokens, eos_id, temperature, top_k
+            )
+            for i, ids in zip(rows, new_ids, strict=True):
+                responses[i] = clean_response(tokenizer.decode(ids))
+        return responses
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------
+# Offline metrics
+# ---------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 between two texts: the longest common subsequence of their words.
+
+    Words are runs of letters/digits, lowercased. precision = LCS / candidate words, recall =
+    LCS / reference words, F1 their harmonic mean. When either text has no words the score is
+    0.0 (as in Google's rouge-score package): an empty answer earns nothing.
+    """
+    cand, ref = _words(candidate), _words(reference)
+    if not cand or not ref:
+        return 0.0
+    lcs = _lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .!?")
+
+
+def exact_match(candidate: str, reference: str) -> bool:
+    """True when the texts are equal up to case, runs of whitespace and a final . ! or ?."""
+    return _normalise(candidate) == _normalise(reference)
+
+
+@torch.no_grad()
+def response_perplexity(
+    model,
+    dataset: InstructionDataset,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> float:
+    """exp(mean cross-entropy) of the reference responses (and their end-of-text) given the prompts.
+
+    Only response tokens count (the prompt is masked as in ``collate_fn(mask_instructions=True)``);
+    the mean is over tokens, not batches. Lower is better; a model that puts probability 1 on
+    every reference token scores 1.
+    """
+    if len(dataset) == 0:
+        raise ValueError("response_perplexity got an empty dataset.")
+    device = device or _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            inputs, targets = collate_fn(
+                items, allowed_max_length=model.context_length, device=device, mask_instructions=True
+            )
+            logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            total_loss += loss.item()
+            total_tokens += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total_loss / total_tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# The judge's score
+# ---------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+
+
+def parse_score(text: str | None) -> int | None:
+    """The score in a judge's reply: its first number, if that is between 0 and 100.
+
+    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
+    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
+    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
+    "unscored": callers count those instead of guessing.
+    """
+    if not text:
+        return None
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    value = float(match.group())
+    if not 0 <= value <= 100:
+        return None
+    return int(round(value))
+
+
+def judge_prompt(entry: dict, response: str, style: str = "alpaca") -> str:
+    """What the judge reads: the task, the reference answer, the answer to score, and the scale."""
+    return (
+        "You are grading the answer of an assistant to an instruction.\n\n"
+        f"Instruction and input:\n{format_input(entry, style)}\n\n"
+        f"Reference answer:\n{entry['output']}\n\n"
+        f"Assistant's answer:\n{response}\n\n"
+        "Score the assistant's answer from 0 to 100, where 100 means as good as the reference answer "
+        "and 0 means wrong or unrelated. Reply with the integer only."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Judge clients (standard library only)
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_JUDGE_URL = "http://localhost:11434"  # Ollama's default address
+DEFAULT_JUDGE_MODEL = "llama3"
+
+HOW_TO_START_A_JUDGE = (
+    "To score with an LLM judge, start a local server, for example\n"
+    "  Ollama:     ollama serve   (then: ollama pull llama3)      -> url http://localhost:11434\n"
+    "  llama.cpp:  llama-server -m model.gguf --port 8080         -> url http://localhost:8080/v1\n"
+    "  vLLM, LM Studio or any OpenAI-compatible server            -> url http://HOST:PORT/v1"
+)
+
+
+class JudgeError(RuntimeError):
+    """The judge server could not be reached or gave no usable answer."""
+
+
+class Judge:
+    """A chat-completion client for a local judge server.
+
+    ``ask(prompt)`` sends one user message and returns the reply text. Each request has a
+    ``timeout`` (seconds); connection errors, timeouts and HTTP 5xx are retried up to
+    ``attempts`` times in all, waiting ``backoff``, 2 x ``backoff``, ... between tries. HTTP 4xx,
+    malformed JSON and a reply without text are not retried. Every failure raises
+    :class:`JudgeError` with a message that says what went wrong and what to do.
+    """
+
+    endpoint = ""
+    probe_endpoint = ""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_JUDGE_URL,
+        model: str = DEFAULT_JUDGE_MODEL,
+        timeout: float = 60.0,
+        attempts: int = 3,
+        backoff: float = 1.0,
+        seed: int = 123,
+    ):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}.")
+        self.base_url = url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.base_url!r}, model={self.model!r})"
+
+    # What differs between the two server kinds.
+    def payload(self, prompt: str) -> dict:
+        raise NotImplementedError
+
+    def reply_text(self, body: str) -> str:
+        raise NotImplementedError
+
+    def _request(self, url: str, data: bytes | None) -> str:
+        """One HTTP request with retries; returns the response body as text."""
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        last_problem = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read().decode("utf-8", errors="replace")
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode("utf-8", errors="replace")[:200]
+                last_problem = f"HTTP {error.code} from {url}: {detail or error.reason}"
+                if error.code < 500:  # our request is wrong (e.g. unknown model): retrying will not help
+                    hint = f" Is the model {self.model!r} available on the server (ollama pull {self.model})?"
+                    raise JudgeError(last_problem + (hint if error.code == 404 else "")) from error
+            except TimeoutError as error:
+                last_problem = f"no answer from {url} within {self.timeout} s ({error})"
+            except urllib.error.URLError as error:
+                if isinstance(error.reason, (TimeoutError, socket.timeout)):
+                    last_problem = f"no answer from {url} within {self.timeout} s"
+                else:
+                    last_problem = f"cannot reach {url}: {error.reason}"
+            except (ConnectionError, OSError) as error:
+                last_problem = f"connection to {url} failed: {error}"
+        raise JudgeError(f"{last_problem} (after {self.attempts} attempts).\n{HOW_TO_START_A_JUDGE}")
+
+    def ask(self, prompt: str) -> str:
+        """Send ``prompt`` as one user message; return the judge's reply text."""
+        body = self._request(self.base_url + self.endpoint, json.dumps(self.payload(prompt)).encode())
+        return self.reply_text(body)
+
+    def check(self, timeout: float = 3.0) -> str | None:
+        """None when the server answers (one quick try), else a message saying why not and how to start one."""
+        saved = self.attempts, self.timeout
+        self.attempts, self.timeout = 1, min(timeout, self.timeout)
+        try:
+            self._request(self.base_url + self.probe_endpoint, None)
+        except JudgeError as error:
+            return str(error)
+        finally:
+            self.attempts, self.timeout = saved
+        return None
+
+
+def _load_json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JudgeError(f"the judge server sent malformed JSON for {what}: {text[:200]!r}") from error
+
+
+class OllamaJudge(Judge):
+    """Ollama's ``POST /api/chat`` (temperature 0, fixed seed). Streams of JSON lines are joined."""
+
+    endpoint = "/api/chat"
+    probe_endpoint = "/api/tags"
+
+    def payload(self, prompt: str) -> dict:
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": False,
+            "options": {"temperature": 0, "seed": self.seed, "num_ctx": 2048},
+        }
+
+    def reply_text(self, body: str) -> str:
+        # Non-streaming: one JSON object. Streaming: one object per line, each with a piece.
+        lines = [line for line in body.splitlines() if line.strip()]
+        if not lines:
+            raise JudgeError("the judge server sent an empty reply.")
+        pieces = []
+        for line in lines:
+            message = _load_json(line, "an Ollama chat reply")
+            if not isinstance(message, dict):
+                raise JudgeError(f"unexpected Ollama reply: {line[:200]!r}")
+            if "error" in message:
+                raise JudgeError(f"the Ollama server reported an error: {message['error']}")
+            content = (message.get("message") or {}).get("content")
+            if content is None:
+                raise JudgeError(f"Ollama reply without message.content: {line[:200]!r}")
+            pieces.append(content)
+        return "".join(pieces)
+
+
+class OpenAIJudge(Judge):
+    """An OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp server, vLLM, LM Studio)."""
+
+    endpoint = "/chat/completions"
+    probe_endpoint = "/models"
+
+    def payload(self, prompt: str) -> dict:
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "seed": self.seed,
+        }
+
+    def reply_text(self, body: str) -> str:
+        reply = _load_json(body, "a chat completion")
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as error:
+            raise JudgeError(f"reply without choices[0].message.content: {body[:200]!r}") from error
+        if not isinstance(content, str):
+            raise JudgeError(f"reply content is not text: {content!r}")
+        return content
+
+
+def make_judge(url: str = DEFAULT_JUDGE_URL, model: str = DEFAULT_JUDGE_MODEL, **options) -> Judge:
+    """The client for ``url``: an OpenAI-compatible one when the path ends in ``/v1``, else Ollama.
+
+    ``http://localhost:11434`` -> Ollama; ``http://localhost:8080/v1`` -> OpenAI-compatible.
+    ``options`` go to :class:`Judge` (timeout, attempts, backoff, seed).
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"judge url must look like http://HOST:PORT or http://HOST:PORT/v1, got {url!r}.")
+    if parsed.path.rstrip("/").endswith("/v1"):
+        return OpenAIJudge(url, model, **options)
+    return OllamaJudge(url, model, **options)
+
+
+@dataclass
+class JudgeReport:
+    """Scores of a batch of responses: one entry per response, None where unscored."""
+
+    scores: list[int | None] = field(default_factory=list)
+    replies: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def scored(self) -> list[int]:
+        return [s for s in self.scores if s is not None]
+
+    @property
+    def unscored(self) -> int:
+        return sum(s is None for s in self.scores)
+
+    @property
+    def average(self) -> float | None:
+        return sum(self.scored) / len(self.scored) if self.scored else None
+
+    def histogram(self, bin_width: int = 10) -> dict[str, int]:
+        """Counts per score range ("0-9", ..., "90-100"), plus "unscored"."""
+        edges = list(range(0, 100, bin_width))
+        counts = {f"{lo}-{lo + bin_width - 1 if lo + bin_width < 100 else 100}": 0 for lo in edges}
+        labels = list(counts)
+        for score in self.scored:
+            counts[labels[min(score // bin_width, len(labels) - 1)]] += 1
+        counts["unscored"] = self.unscored
+        return counts
+
+
+def score_responses(
+    entries: Sequence[dict],
+    judge: Judge | Callable[[str], str],
+    response_key: str = "model_response",
+    style: str = "alpaca",
+    progress: bool = False,
+) -> JudgeReport:
+    """Ask the judge to score each entry's response; a failure leaves that one unscored and goes on.
+
+    ``judge`` is a :class:`Judge` or any function prompt -> reply text. An entry whose request
+    fails (server down, HTTP 500, timeout, malformed JSON) gets score None and its error; so
+    does a reply without a valid score (see :func:`parse_score`), with the reply kept.
+    """
+    ask = judge.ask if isinstance(judge, Judge) else judge
+    report = JudgeReport()
+    items = entries
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(entries, desc="scoring", unit="response")
+    for entry in items:
+        if response_key not in entry:
+            raise KeyError(f"entry has no {response_key!r}; generate the responses first.")
+        try:
+            reply = ask(judge_prompt(entry, entry[response_key], style))
+        except JudgeError as error:
+            report.scores.append(None)
+            report.replies.append(None)
+            report.errors.append(str(error).splitlines()[0])
+            continue
+        score = parse_score(reply)
+        report.scores.append(score)
+        report.replies.append(reply)
+        report.errors.append(None if score is not None else "no score between 0 and 100 in the reply")
+    return report

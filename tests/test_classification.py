@@ -1,0 +1,357 @@
+"""ch06: the spam classifier's data, model surgery, reading positions, loss, inference and training."""
+
+import pandas as pd
+import pytest
+import torch
+
+from shared import classification as cls
+from shared.model import GPT_CONFIGS, GPTModel, build_on_meta
+from shared.tokenizer import get_gpt2_tokenizer
+
+TINY = {
+    "vocab_size": 50257,
+    "context_length": 32,
+    "emb_dim": 16,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+PAD = cls.PAD_TOKEN_ID
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    return cls.prepare_spam_splits(tmp_path_factory.mktemp("splits"))
+
+
+def tiny_classifier(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return cls.make_classifier(GPTModel(TINY), **kwargs).eval()
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def test_balanced_split_sizes_and_class_counts(splits):
+    frames = {name: cls.read_split(path) for name, path in splits.items()}
+    assert {name: len(f) for name, f in frames.items()} == {"train": 1045, "validation": 149, "test": 300}
+    spam = {name: int(f["Label"].sum()) for name, f in frames.items()}
+    assert sum(spam.values()) == 747  # every spam message, and as many ham
+    assert sum(len(f) for f in frames.values()) == 2 * 747
+    assert set(pd.concat(frames.values())["Label"]) == {0, 1}
+
+
+def test_split_holds_the_same_messages_as_the_books(splits):
+    book = pytest.importorskip("llms_from_scratch.ch06")
+    from shared.data import load_sms_spam
+
+    balanced = book.create_balanced_dataset(load_sms_spam())
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    for ours, theirs in zip(splits.values(), book.random_split(balanced, 0.7, 0.1), strict=True):
+        ours = cls.read_split(ours)
+        assert list(ours["Text"]) == list(theirs["Text"])
+        assert list(ours["Label"]) == list(theirs["Label"])
+
+
+def test_balanced_subset_refuses_a_single_class():
+    with pytest.raises(ValueError, match="two classes"):
+        cls.balanced_subset(pd.DataFrame({"Label": ["ham"] * 3, "Text": ["a", "b", "c"]}))
+
+
+def test_labels_accept_names_and_ids_and_refuse_others():
+    assert cls.label_ids(["ham", "SPAM", 0, "1"]) == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="row 1"):
+        cls.label_ids(["ham", "eggs"])
+
+
+def test_dataset_truncates_and_keeps_messages_unpadded(tokenizer):
+    frame = pd.DataFrame({"Label": ["spam", "ham"], "Text": ["win " * 50, "see you at 5"]})
+    dataset = cls.SpamDataset(frame, tokenizer, max_length=10)
+    ids, label = dataset[0]
+    assert ids.tolist() == tokenizer.encode("win " * 50)[:10] and label.item() == 1
+    assert len(dataset[1][0]) == len(tokenizer.encode("see you at 5"))
+    assert dataset.longest == 10
+
+
+def test_dataset_treats_special_token_text_as_plain_text(tokenizer):
+    frame = pd.DataFrame({"Label": ["ham"], "Text": ["bye <|endoftext|>"]})
+    assert PAD not in cls.SpamDataset(frame, tokenizer)[0][0].tolist()
+
+
+def test_dataset_refuses_an_empty_message(tokenizer):
+    with pytest.raises(ValueError, match="row 1 has an empty message"):
+        cls.SpamDataset(pd.DataFrame({"Label": [0, 1], "Text": ["hi", ""]}), tokenizer)
+
+
+def test_dynamic_padding_pads_each_batch_to_its_longest_message():
+    batch = [(torch.tensor([1, 2, 3]), torch.tensor(0)), (torch.tensor([4]), torch.tensor(1))]
+    inputs, labels = cls.collate_classification(batch)
+    assert inputs.tolist() == [[1, 2, 3], [4, PAD, PAD]]
+    assert labels.tolist() == [0, 1]
+    fixed, _ = cls.collate_classification(batch, pad_to=5)
+    assert fixed.tolist() == [[1, 2, 3, PAD, PAD], [4, PAD, PAD, PAD, PAD]]
+    with pytest.raises(ValueError, match="more than pad_to=2"):
+        cls.collate_classification(batch, pad_to=2)
+
+
+def test_loader_batches_are_no_longer_than_their_longest_message(splits, tokenizer):
+    dataset = cls.SpamDataset(splits["validation"], tokenizer)
+    lengths = [len(ids) for ids in dataset.encoded_texts]
+    loader = cls.create_classification_loader(dataset, batch_size=8)
+    for i, (inputs, _) in enumerate(loader):
+        assert inputs.shape[1] == max(lengths[8 * i : 8 * i + 8])
+
+
+# --- reading positions ------------------------------------------------------------------
+
+
+def test_last_real_token_index_with_right_padding():
+    batch = torch.tensor([[5, 6, 7, PAD, PAD], [8, PAD, PAD, PAD, PAD], [1, 2, 3, 4, 5]])
+    assert cls.last_real_token_index(batch).tolist() == [2, 0, 4]
+    assert cls.real_token_mask(batch).sum(1).tolist() == [3, 1, 5]
+    with pytest.raises(ValueError, match="only pad tokens"):
+        cls.last_real_token_index(torch.full((1, 3), PAD))
+
+
+def test_pooling_reads_the_intended_vectors():
+    ids = torch.tensor([[5, 6, PAD], [7, 8, 9]])
+    states = torch.arange(2 * 3 * 1, dtype=torch.float).view(2, 3, 1)  # value = row * 3 + position
+    assert cls.pool_positions(states, ids, "last").flatten().tolist() == [1, 5]
+    assert cls.pool_positions(states, ids, "first").flatten().tolist() == [0, 3]
+    assert cls.pool_positions(states, ids, "last_position").flatten().tolist() == [2, 5]
+    assert cls.pool_positions(states, ids, "mean").flatten().tolist() == [0.5, 4.0]
+
+
+@pytest.mark.parametrize("pooling,causal", [("last", True), ("mean", True), ("last", False), ("mean", False)])
+def test_padding_does_not_change_the_prediction(pooling, causal):
+    model = tiny_classifier(pooling=pooling, causal=causal)
+    ids = torch.tensor([[11, 12, 13, 14]])
+    padded = torch.tensor([[11, 12, 13, 14, PAD, PAD, PAD]])
+    torch.testing.assert_close(cls.classifier_logits(model, ids), cls.classifier_logits(model, padded))
+
+
+def test_reading_the_final_position_is_changed_by_padding():
+    model = tiny_classifier(pooling="last_position")
+    a = cls.classifier_logits(model, torch.tensor([[11, 12, 13, 14]]))
+    b = cls.classifier_logits(model, torch.tensor([[11, 12, 13, 14, PAD, PAD]]))
+    assert not torch.allclose(a, b)
+
+
+def test_without_the_causal_mask_early_tokens_see_later_ones():
+    causal, bidirectional = tiny_classifier(pooling="first"), tiny_classifier(pooling="first", causal=False)
+    x, y = torch.tensor([[11, 12, 13]]), torch.tensor([[11, 99, 98]])
+    # The first token sees only itself under the causal mask ...
+    torch.testing.assert_close(cls.classifier_logits(causal, x), cls.classifier_logits(causal, y))
+    # ... and every token without it.
+    assert not torch.allclose(
+        cls.classifier_logits(bidirectional, x), cls.classifier_logits(bidirectional, y)
+    )
+
+
+def test_bidirectional_forward_equals_the_model_with_the_mask_on_a_one_token_input():
+    model = tiny_classifier(causal=False)
+    ids = torch.tensor([[42], [43]])
+    torch.testing.assert_close(cls.forward_without_causal_mask(model, ids), model(ids))
+
+
+# --- model surgery ----------------------------------------------------------------------
+
+
+def test_freezing_gpt2_small_leaves_the_last_block_final_norm_and_head_trainable():
+    cfg = {**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "tie_weights": True}  # as loaded from OpenAI
+    model = cls.make_classifier(build_on_meta(cfg))
+    d = 768
+    block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    final_norm, head = 2 * d, d * 2 + 2
+    trainable, total = cls.count_trainable(model)
+    assert trainable == block + final_norm + head == 7_090_946
+    embeddings = 50257 * d + 1024 * d
+    assert total == embeddings + 12 * block + final_norm + head
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {
+        n for n, _ in model.named_parameters() if n.startswith(("trf_blocks.11.", "final_norm.", "out_head."))
+    }
+    assert tuple(model.out_head.weight.shape) == (2, d)
+
+
+@pytest.mark.parametrize(
+    "blocks,final_norm,expected_prefixes",
+    [
+        (0, None, ("out_head.",)),
+        (0, True, ("out_head.", "final_norm.")),
+        (2, None, ("out_head.", "final_norm.", "trf_blocks.0.", "trf_blocks.1.")),
+        ("all", None, ("",)),
+    ],
+)
+def test_trainable_blocks_choose_exactly_those_parameters(blocks, final_norm, expected_prefixes):
+    model = cls.make_classifier(build_on_meta(TINY), trainable_blocks=blocks, train_final_norm=final_norm)
+    for name, param in model.named_parameters():
+        assert param.requires_grad == name.startswith(expected_prefixes), name
+
+
+def test_make_classifier_refuses_bad_settings():
+    with pytest.raises(ValueError, match="pooling"):
+        cls.make_classifier(build_on_meta(TINY), pooling="max")
+    with pytest.raises(ValueError, match="trainable_blocks"):
+        cls.make_classifier(build_on_meta(TINY), trainable_blocks=3)
+
+
+# --- loss and accuracy ------------------------------------------------------------------
+
+
+def test_accuracy_and_loss_on_hand_made_logits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0], [0.5, 0.2]])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert cls.accuracy_from_logits(logits, labels) == 0.5
+    # cross-entropy by hand: mean of -log softmax at the label
+    by_hand = -torch.log_softmax(logits, dim=-1)[torch.arange(4), labels].mean()
+    torch.testing.assert_close(cls.loss_from_logits(logits, labels), by_hand)
+    assert cls.loss_from_logits(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item() == pytest.approx(
+        0.693147, abs=1e-6
+    )
+
+
+def test_one_output_with_bce_decides_like_two_outputs_with_softmax():
+    # Two logits (a, b) and one logit b - a give the same probabilities: softmax = sigmoid(b - a).
+    two = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-2.0, 1.5], [0.0, 0.0001]])
+    one = (two[:, 1] - two[:, 0]).unsqueeze(-1)
+    labels = torch.tensor([0, 1, 1, 0])
+    assert cls.predict_from_logits(one).tolist() == cls.predict_from_logits(two).tolist() == [0, 1, 1, 1]
+    torch.testing.assert_close(cls.loss_from_logits(one, labels), cls.loss_from_logits(two, labels))
+
+
+# --- new messages -----------------------------------------------------------------------
+
+
+def test_classify_text_truncates_a_5000_token_message_to_the_context(tokenizer, monkeypatch):
+    model = tiny_classifier()
+    text = "you won a prize" + " you won a prize" * 1249
+    assert len(tokenizer.encode(text)) == 5000
+    seen = []
+    original = cls.classifier_logits
+    monkeypatch.setattr(cls, "classifier_logits", lambda m, ids: seen.append(ids) or original(m, ids))
+    assert cls.classify_text(text, model, tokenizer) in {"spam", "ham"}
+    # Truncated to the 32 positions of the context, not to the embedding width (16).
+    assert seen[-1].tolist() == [tokenizer.encode(text)[: TINY["context_length"]]]
+    cls.classify_text(text, model, tokenizer, max_length=5)
+    assert seen[-1].shape == (1, 5)
+
+
+def test_classify_text_handles_non_ascii_and_batches(tokenizer):
+    model = tiny_classifier()
+    texts = ["Gewinne jetzt 1000€! Antworte JA", "今晚见 🙂", "see you at 5"]
+    batch = cls.classify_text(texts, model, tokenizer)
+    assert batch == [cls.classify_text(t, model, tokenizer) for t in texts]
+    assert set(batch) <= {"spam", "ham"}
+
+
+def test_classify_text_refuses_empty_input(tokenizer):
+    model = tiny_classifier()
+    with pytest.raises(ValueError, match="empty"):
+        cls.classify_text("", model, tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        cls.classify_text(["ok", "   "], model, tokenizer)
+    with pytest.raises(ValueError, match="empty list"):
+        cls.classify_text([], model, tokenizer)
+
+
+def test_classify_text_accepts_a_head_swapped_by_hand(tokenizer):
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    model.out_head = torch.nn.Linear(TINY["emb_dim"], 2)  # as the book does it
+    assert cls.classify_text("hello there", model, tokenizer) in {"spam", "ham"}
+
+
+def test_save_and_load_give_the_same_classifier(tmp_path, tokenizer):
+    model = tiny_classifier(pooling="mean", trainable_blocks=1)
+    cls.save_classifier(model, tmp_path / "clf")
+    loaded = cls.load_classifier(tmp_path / "clf")
+    ids = torch.tensor([[11, 12, 13, PAD]])
+    torch.testing.assert_close(cls.classifier_logits(loaded, ids), cls.classifier_logits(model, ids))
+    assert loaded.classification == model.classification
+    assert cls.count_trainable(loaded) == cls.count_trainable(model)
+    with pytest.raises(FileNotFoundError, match="save_classifier"):
+        cls.load_classifier(tmp_path / "missing")
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer):
+    """One epoch of the small random GPT on the balanced split. Seen: about 96% test accuracy."""
+    from shared.train import make_optimizer, train_model
+
+    torch.manual_seed(123)
+    data = {
+        name: cls.SpamDataset(path, tokenizer, max_length=cls.SMALL_CONFIG["context_length"])
+        for name, path in splits.items()
+    }
+    train_loader = cls.create_classification_loader(data["train"], 8, shuffle=True, drop_last=True)
+    val_loader = cls.create_classification_loader(data["validation"], 8)
+    test_loader = cls.create_classification_loader(data["test"], 8)
+    model = cls.make_classifier(GPTModel(cls.SMALL_CONFIG), trainable_blocks="all")
+    before = cls.calc_accuracy_loader(test_loader, model, "cpu")
+    history = train_model(
+        model,
+        train_loader,
+        val_loader,
+        make_optimizer(model, 1e-3, 0.1),
+        "cpu",
+        num_epochs=1,
+        eval_freq=50,
+        eval_iter=5,
+        loss_fn=cls.classification_loss,
+        epoch_end=cls.accuracy_callback({"val": val_loader}, "cpu"),
+        progress=False,
+    )
+    after = cls.calc_accuracy_loader(test_loader, model, "cpu")
+    assert 0.3 < before < 0.7  # an untrained head is at chance on a balanced split
+    print(f"test accuracy before {before:.4f}, after one epoch {after:.4f}")
+    assert after >= 0.85, after  # chance is 0.5; a pipeline that reads the wrong thing stays near it
+    assert history.epoch_metrics[0]["val_acc"] >= 0.85
+    assert history.train_losses[-1] < history.train_losses[0]
+
+
+def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_path, tokenizer):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "ch06" / "finetune_classifier.py"
+    spec = importlib.util.spec_from_file_location("finetune_classifier", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "run"
+    report = module.main(["--quick", "--epochs", "1", "--max-length", "48", "--out-dir", str(out)])
+    assert report["pretrained"] is False and "RANDOMLY INITIALISED" in report["model"]
+    assert json.loads((out / "report.json").read_text())["accuracy"] == report["accuracy"]
+    assert set(report["accuracy"]) == {"train", "validation", "test"}
+    assert len(report["epoch_metrics"]) == 1
+    loaded = cls.load_classifier(out)
+    assert set(cls.classify_text(["Free prize! Call now", "see you"], loaded, tokenizer)) <= {"spam", "ham"}
+    assert report["accuracy"]["test"] > 0.75, report["accuracy"]  # chance is 0.5
+
+
+def test_load_base_model_uses_gpt2_weights_when_present_and_falls_back_offline(tmp_path, monkeypatch):
+    from shared.weights import save_hf_gpt2
+
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMS_HF_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline
+    model, description, pretrained = cls.load_base_model("gpt2-small")
+    assert not pretrained and "RANDOMLY INITIALISED" in description and "unavailable" in description
+    assert model.cfg == GPTModel(cls.SMALL_CONFIG).cfg
+
+    # A checkpoint in the data directory (here a tiny one in GPT-2's format) is used as is.
+    torch.manual_seed(0)
+    save_hf_gpt2(GPTModel({**TINY, "drop_rate": 0.1, "tie_weights": True}), tmp_path / "gpt2-small")
+    model, description, pretrained = cls.load_base_model("gpt2-small")
+    assert pretrained and description.startswith("pretrained gpt2-small")
+    assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
