@@ -212,7 +212,7 @@ def beam_search(
     text: for open-ended generation it tends to repeat itself (see the ch05 notebook).
     Call ``model.eval()`` first.
     """
-    context_size = _check_arguments(model, idx, max_new_tokens, context_size, 0.0, None, None)
+    context_size = _check_arguments(model, idx, max_new_tokens, context_size, 0.0, None, None, eos_id)
     if idx.shape[0] != 1:
         raise ValueError(
             f"beam_search decodes one prompt at a time: idx must have shape (1, tokens), got {tuple(idx.shape)}."
