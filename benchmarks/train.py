@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import environment  # benchmarks/common.py: the machine record every report carries
 
 from shared.data import load_the_verdict
 from shared.dataloader import create_dataloader
@@ -297,6 +298,7 @@ def main(argv=None):
 
     result = {
         "benchmark": "train",
+        "environment": environment(),
         "quick": is_quick(),
         "machine": {
             "platform": platform.platform(),
