@@ -11,7 +11,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.dataloader`` (ch02): GPTDataset, create_dataloader
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
-- ``shared.generate`` (ch04, ch05): generate, next_token, generate_text_simple, beam_search, sequence_logprob
+- ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
 - ``shared.weights`` (ch04): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
