@@ -11,19 +11,14 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.dataloader`` (ch02): GPTDataset, create_dataloader
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
-- ``shared.generate`` (ch04): generate, next_token, generate_text_simple
+- ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
 - ``shared.weights`` (ch04): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
-<<<<<<< HEAD
+- ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
 - ``shared.classification`` (ch06): prepare_spam_splits, SpamDataset, create_classification_loader, make_classifier,
   classifier_logits, classification_loss, calc_accuracy_loader, classify_text, save_classifier, load_classifier
-- ``shared.instruction`` (ch07): instruction prompts, padding-aware batching, finetuning
-=======
-- ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
-- ``shared.classification`` (ch06): names listed when ch06 lands
 - ``shared.instruction`` (ch07): format_input, InstructionDataset, collate_fn, generate_responses, rouge_l, response_perplexity, make_judge, score_responses, parse_score
->>>>>>> main
 - ``shared.distributed`` (appendix_A): distributed_session, launch_torchrun, print_main, mean_across_processes, unwrap
 """
 

@@ -153,3 +153,122 @@ def generate(
         if eos_id is not None and bool(finished.all()):
             break
     return idx
+
+
+@torch.no_grad()
+def sequence_logprob(model: GPTModel, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Total log-probability the model gives the tokens after the first ``prompt_length`` of each row.
+
+    ``ids`` is (batch, tokens) with tokens <= the context length; returns (batch,) sums of
+    log p(token | everything before it). Useful to compare decoders: a higher (less negative)
+    value means the model finds the continuation more likely.
+    """
+    if not 1 <= prompt_length < ids.shape[1]:
+        raise ValueError(
+            f"prompt_length must be between 1 and the sequence length - 1 ({ids.shape[1] - 1}), got {prompt_length}."
+        )
+    logprobs = model(ids[:, :-1]).log_softmax(dim=-1)  # position i predicts token i + 1
+    targets = ids[:, 1:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked[:, prompt_length - 1 :].sum(dim=-1)
+
+
+def _reorder_cache(cache, beam_index: torch.Tensor) -> None:
+    # Each surviving beam continues one of the previous beams: give it that beam's keys and values.
+    for layer in cache:
+        layer.keys = layer.keys.index_select(0, beam_index)
+        layer.values = layer.values.index_select(0, beam_index)
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    beam_width: int,
+    context_size: int | None = None,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Beam search for one prompt ``idx`` of shape (1, tokens); returns (1, tokens + n) ids, n <= max_new_tokens.
+
+    Greedy decoding keeps the single most likely token at every step; beam search keeps the
+    ``beam_width`` most likely *sequences* so far (by summed log-probability), extends each by
+    every token, and keeps the best ``beam_width`` of all those extensions.
+
+    - A beam that produces ``eos_id`` is finished (the eos token is kept) and leaves the beam,
+      which then continues with one fewer sequence; the search stops when no beam is left or
+      after ``max_new_tokens`` steps. So with ``beam_width=1`` this is exactly greedy decoding.
+    - The winner is the finished or surviving sequence with the best score
+      ``sum of log-probs / (new tokens) ** length_penalty``: 0 ranks by the raw sum (which favours
+      short sequences, since every token adds a negative term), 1 by the mean per token.
+      Without ``eos_id`` every candidate has the same length and the penalty changes nothing.
+    - ``context_size`` and the cache behave as in :func:`generate`.
+
+    Beam search usually finds a continuation with a higher log-probability than greedy
+    decoding, but not always: the greedy sequence can fall out of the beam at an early step
+    and the beams kept instead may end lower. Higher likelihood is also not the same as better
+    text: for open-ended generation it tends to repeat itself (see the ch05 notebook).
+    Call ``model.eval()`` first.
+    """
+    context_size = _check_arguments(model, idx, max_new_tokens, context_size, 0.0, None, None, eos_id)
+    if idx.shape[0] != 1:
+        raise ValueError(
+            f"beam_search decodes one prompt at a time: idx must have shape (1, tokens), got {tuple(idx.shape)}."
+        )
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}.")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}.")
+
+    beams = idx  # (beams alive, tokens so far)
+    scores = torch.zeros(1, device=idx.device)  # summed log-probs of each alive beam's new tokens
+    finished: list[tuple[float, torch.Tensor]] = []  # (normalised score, ids)
+    cache = None
+    steps_done = 0
+    for step in range(max_new_tokens):
+        if use_cache and beams.shape[1] <= context_size:
+            if cache is None:
+                cache = model.new_cache()
+                logits = model(beams, cache=cache)
+            else:
+                logits = model(beams[:, -1:], cache=cache)
+        else:
+            cache = None
+            logits = model(beams[:, -context_size:])
+        logprobs = logits[:, -1, :].float().log_softmax(dim=-1)  # (beams, vocab)
+
+        # Every (beam, token) extension, scored by the beam's total plus the token's log-prob.
+        candidates = (scores.unsqueeze(1) + logprobs).flatten()
+        width = min(beam_width, candidates.numel())
+        top_scores, flat_index = torch.topk(candidates, width)
+        vocab = logprobs.shape[-1]
+        beam_index, token = flat_index // vocab, flat_index % vocab
+        beams = torch.cat((beams.index_select(0, beam_index), token.unsqueeze(1)), dim=1)
+        scores = top_scores
+        steps_done = step + 1
+        if cache is not None:
+            _reorder_cache(cache, beam_index)
+
+        if eos_id is not None:
+            done = token == eos_id
+            for row in done.nonzero().flatten().tolist():
+                normalised = float(scores[row]) / steps_done**length_penalty
+                finished.append((normalised, beams[row : row + 1]))
+            if bool(done.any()):
+                keep = (~done).nonzero().flatten()
+                beams, scores = beams.index_select(0, keep), scores.index_select(0, keep)
+                if cache is not None:
+                    _reorder_cache(cache, keep)
+            if beams.shape[0] == 0:
+                break
+
+    if steps_done == 0:
+        return idx
+    alive = [
+        (float(scores[row]) / steps_done**length_penalty, beams[row : row + 1])
+        for row in range(beams.shape[0])
+    ]
+    # max() keeps the first of equal scores: alive beams come in descending order of score.
+    return max(finished + alive, key=lambda item: item[0])[1]

@@ -93,10 +93,14 @@ def calc_loss_loader(
 def evaluate_model(
     model: nn.Module, train_loader, val_loader, device, eval_iter: int, loss_fn: LossFn = calc_loss_batch
 ) -> tuple[float, float]:
-    """Training and validation loss over ``eval_iter`` batches each, with dropout off."""
+    """Training and validation loss over ``eval_iter`` batches each, with dropout off.
+
+    Runs under ``torch.inference_mode``, which skips autograd's bookkeeping (version counters,
+    view tracking) that ``no_grad`` still does: the same numbers, a little faster.
+    """
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
     model.train(was_training)

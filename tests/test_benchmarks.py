@@ -144,3 +144,16 @@ def test_pretrain_benchmark_reports_memory_speed_and_ddp(tmp_path):
     assert result["speed"]["ours_tokens_per_s"] > 0 and result["speed"]["book_tokens_per_s"] > 0
     assert result["ddp"]["ddp"]["ranks_identical"] is True and result["ddp"]["single"]["ms_per_step"] > 0
     assert (tmp_path / "pretrain_memory.png").is_file()
+
+
+def test_train_benchmark_checks_equal_losses_and_reports_both_loops(tmp_path):
+    pytest.importorskip("llms_from_scratch")
+    result, stdout = run_benchmark("train", tmp_path)
+    assert "| training loop" in stdout
+    assert result["benchmark"] == "train" and result["quick"] is True
+    check = result["check"]
+    assert len(check["book"]) == check["steps"] == len(check["ours_with_make_optimizer"])
+    assert check["max_abs_diff_same_optimizer"] < 1e-4 and check["same_within_1e-4"] is True
+    rates = result["timing"]["tokens_per_s"]
+    assert rates["ours"] > 0 and rates["book"] > 0 and result["speedup"] > 0
+    assert result["timing"]["params"]["ours"] == result["timing"]["params"]["book"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shared.generate import generate, generate_text_simple, next_token
+from shared.generate import beam_search, generate, generate_text_simple, next_token, sequence_logprob
 from shared.model import GPTModel
 
 TINY = {
@@ -193,3 +193,116 @@ def test_greedy_output_matches_transformers_generate():
         idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, pad_token_id=0
     )
     assert torch.equal(generate(ours, idx, max_new_tokens=12), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling settings that must change nothing, and batched filtering
+# ---------------------------------------------------------------------------------------
+
+
+def test_temperature_zero_is_greedy_whatever_top_k_and_top_p(model):
+    idx = prompt(2, 4)
+    greedy = generate_text_simple(model, idx, max_new_tokens=8, context_size=TINY["context_length"])
+    assert torch.equal(generate(model, idx, max_new_tokens=8, temperature=0.0, top_k=5, top_p=0.5), greedy)
+
+
+def test_top_k_at_least_the_vocabulary_and_top_p_one_change_nothing():
+    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({"top_k": 11}, {"top_k": 50}, {"top_p": 1.0}, {"top_k": 11, "top_p": 1.0}):
+        torch.manual_seed(5)
+        filtered = next_token(logits, temperature=0.7, **kwargs)
+        torch.manual_seed(5)
+        plain = next_token(logits, temperature=0.7)
+        assert torch.equal(filtered, plain), kwargs
+
+
+def test_top_k_and_top_p_filter_each_row_of_a_batch_on_its_own():
+    # Row 0 prefers tokens 0-2, row 1 tokens 3-5: each row must sample only its own best tokens.
+    row0 = torch.tensor([5.0, 4.5, 4.0, 0.0, 0.0, 0.0])
+    logits = torch.stack([row0, row0.roll(3)]).repeat(300, 1)
+    torch.manual_seed(0)
+    picked = next_token(logits, temperature=1.0, top_k=3).view(300, 2)
+    assert set(picked[:, 0].tolist()) <= {0, 1, 2} and set(picked[:, 1].tolist()) <= {3, 4, 5}
+    picked = next_token(logits, temperature=1.0, top_p=0.5).view(300, 2)
+    assert set(picked[:, 0].tolist()) <= {0, 1} and set(picked[:, 1].tolist()) <= {3, 4}
+
+
+# ---------------------------------------------------------------------------------------
+# Beam search
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_width_one_is_greedy(model, use_cache):
+    idx = prompt(1, 4)
+    greedy = generate(model, idx, max_new_tokens=20)  # 24 tokens: also crosses the context of 17
+    assert torch.equal(beam_search(model, idx, max_new_tokens=20, beam_width=1, use_cache=use_cache), greedy)
+
+
+def test_beam_search_with_cache_equals_without(model):
+    idx = prompt(1, 5, seed=2)
+    cached = beam_search(model, idx, max_new_tokens=15, beam_width=4)
+    assert torch.equal(cached, beam_search(model, idx, max_new_tokens=15, beam_width=4, use_cache=False))
+    assert cached.shape == (1, 20) and torch.equal(cached[:, :5], idx)
+
+
+def test_beam_search_matches_an_exhaustive_search_for_two_tokens(model):
+    # With a beam as wide as the vocabulary nothing is pruned in two steps: the result is the
+    # best of all vocab**2 continuations.
+    idx = prompt(1, 3, seed=4)
+    vocab = TINY["vocab_size"]
+    with torch.no_grad():
+        first = model(idx)[0, -1].log_softmax(-1)  # (vocab,)
+        grown = torch.cat((idx.repeat(vocab, 1), torch.arange(vocab).unsqueeze(1)), dim=1)
+        second = model(grown)[:, -1].log_softmax(-1)  # (vocab, vocab)
+    total = first.unsqueeze(1) + second
+    best = int(total.flatten().argmax())
+    out = beam_search(model, idx, max_new_tokens=2, beam_width=vocab)
+    assert out[0, 3:].tolist() == [best // vocab, best % vocab]
+
+
+def test_beam_search_usually_beats_greedy_on_log_probability(model):
+    wins = 0
+    for seed in range(5):
+        idx = prompt(1, 4, seed=seed)
+        greedy = generate(model, idx, max_new_tokens=10)
+        beam = beam_search(model, idx, max_new_tokens=10, beam_width=5)
+        greedy_lp, beam_lp = sequence_logprob(model, torch.cat((greedy, beam)), prompt_length=4)
+        wins += bool(beam_lp >= greedy_lp - 1e-5)
+    assert wins >= 4  # not guaranteed in general, but on these fixed seeds beam search does at least as well
+
+
+def test_sequence_logprob_sums_the_log_probabilities_of_the_new_tokens(model):
+    ids = prompt(1, 8)
+    with torch.no_grad():
+        expected = sum(float(model(ids[:, :i])[0, -1].log_softmax(-1)[ids[0, i]]) for i in range(3, 8))
+    assert float(sequence_logprob(model, ids, prompt_length=3)[0]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_beam_search_stops_when_every_beam_has_finished(model):
+    idx = prompt(1, 4)
+    greedy = generate(model, idx, max_new_tokens=8)
+    eos = int(greedy[0, 6])
+    # Width 1: exactly greedy with eos, ending on the eos token.
+    assert torch.equal(
+        beam_search(model, idx, 8, beam_width=1, eos_id=eos), generate(model, idx, 8, eos_id=eos)
+    )
+    out = beam_search(model, idx, 8, beam_width=3, eos_id=eos)
+    assert out.shape[1] <= 12
+    assert out.shape[1] == 12 or out[0, -1] == eos
+    assert eos not in out[0, 4:-1].tolist()  # an eos can only be the last token
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beam_width": 0}, "beam_width"),
+        ({"length_penalty": -1.0}, "length_penalty"),
+        ({"idx": prompt(2, 3)}, "one prompt"),
+        ({"context_size": 18}, "context_size"),
+    ],
+)
+def test_beam_search_bad_arguments_raise_value_errors(model, kwargs, message):
+    kwargs = {"idx": prompt(1, 3), "max_new_tokens": 2, "beam_width": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        beam_search(model, **kwargs)

@@ -1,0 +1,357 @@
+"""Benchmark: the ch05 training run through ``shared.train`` vs the book's reference code, on CPU.
+
+Both sides train GPT-2 small (163M parameters with an untied head, context 256, dropout 0.1, no
+query/key/value bias: the book's ch05 config) on The Verdict (90/10 split, windows of 256 with
+stride 256, batch 2), evaluating every 5 steps on 5 batches and printing a 50-token sample after
+each epoch, exactly as the book's ch05 run does:
+
+- **ours**: ``shared.model.GPTModel`` + ``shared.train.make_optimizer`` (AdamW, fused where the
+  device has it, decay on matrices only) + ``shared.train.train_model``;
+- **book**: ``llms_from_scratch.ch04.GPTModel`` + ``torch.optim.AdamW(lr=4e-4, weight_decay=0.1)``
+  + ``llms_from_scratch.ch05.train_model_simple`` (PyPI package ``llms-from-scratch``).
+
+Both models start from the same weights (ours copied into the book's: our fused ``qkv`` matrix is
+split into its ``W_query``/``W_key``/``W_value``). Before timing, a correctness check runs the first
+optimizer steps of both with dropout off and compares the losses.
+
+Timing: one round = one epoch (9 optimizer steps, 2 evaluations, 1 sample) per side, each from
+the same initial weights and data order, sides interleaved and their order alternated (the
+correctness check warms both up); the figure is the median over rounds of
+tokens trained per second of wall time (evaluation and sampling included, as a learner experiences
+them), and the headline ratio is the median of the per-round ratios (ours / book).
+``LLMS_QUICK=1`` shrinks the model, the context and the text to a smoke test.
+
+Run from the repository root: ``python benchmarks/train.py``. Writes benchmarks/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import environment  # benchmarks/common.py: the machine record every report carries
+
+from shared.data import load_the_verdict
+from shared.dataloader import create_dataloader
+from shared.model import GPT_CONFIGS, GPTModel, count_parameters
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import calc_loss_batch, make_optimizer, train_model
+from shared.utils import by_mode, is_quick
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RESULTS = ROOT / "benchmarks" / "results" / "train.json"
+
+# The book's GPT_CONFIG_124M for chapter 5, or a toy in quick mode (same data and loaders).
+CFG = by_mode(
+    full={**GPT_CONFIGS["gpt2-small"], "context_length": 256},
+    quick={**GPT_CONFIGS["gpt2-small"], "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1},
+)
+TEXT_CHARS = by_mode(full=None, quick=3000)  # quick mode: the story's first 3,000 characters
+ROUNDS = by_mode(full=3, quick=1)
+CHECK_STEPS = 3  # optimizer steps compared loss by loss before timing
+LR, WEIGHT_DECAY = 4e-4, 0.1
+EVAL_FREQ, EVAL_ITER = 5, 5
+START_CONTEXT = "Every effort moves you"
+
+
+# ---------------------------------------------------------------------------------------
+# Data and models
+# ---------------------------------------------------------------------------------------
+
+
+def make_loaders():
+    text = load_the_verdict()[:TEXT_CHARS]
+    split = int(0.9 * len(text))
+    context = CFG["context_length"]
+    train_loader = create_dataloader(
+        text[:split], batch_size=2, max_length=context, stride=context, shuffle=True, drop_last=True
+    )
+    val_loader = create_dataloader(
+        text[split:], batch_size=2, max_length=context, stride=context, shuffle=False, drop_last=False
+    )
+    return train_loader, val_loader
+
+
+def copy_into_book_model(ours: GPTModel, book: torch.nn.Module) -> None:
+    """Give the book's GPTModel our weights: same names except attention, feed-forward and norms."""
+    src = ours.state_dict()
+    state = {
+        "tok_emb.weight": src["tok_emb.weight"],
+        "pos_emb.weight": src["pos_emb.weight"],
+        "final_norm.scale": src["final_norm.weight"],
+        "final_norm.shift": src["final_norm.bias"],
+        "out_head.weight": src["out_head.weight"],
+    }
+    for i in range(ours.cfg["n_layers"]):
+        ours_prefix = book_prefix = f"trf_blocks.{i}."
+        # Our fused qkv stacks queries, keys and values (in that order) along the output dimension.
+        query, key, value = src[ours_prefix + "att.qkv.weight"].chunk(3, dim=0)
+        state |= {
+            book_prefix + "att.W_query.weight": query,
+            book_prefix + "att.W_key.weight": key,
+            book_prefix + "att.W_value.weight": value,
+            book_prefix + "att.out_proj.weight": src[ours_prefix + "att.out_proj.weight"],
+            book_prefix + "att.out_proj.bias": src[ours_prefix + "att.out_proj.bias"],
+            book_prefix + "ff.layers.0.weight": src[ours_prefix + "ff.fc.weight"],
+            book_prefix + "ff.layers.0.bias": src[ours_prefix + "ff.fc.bias"],
+            book_prefix + "ff.layers.2.weight": src[ours_prefix + "ff.proj.weight"],
+            book_prefix + "ff.layers.2.bias": src[ours_prefix + "ff.proj.bias"],
+            book_prefix + "norm1.scale": src[ours_prefix + "norm1.weight"],
+            book_prefix + "norm1.shift": src[ours_prefix + "norm1.bias"],
+            book_prefix + "norm2.scale": src[ours_prefix + "norm2.weight"],
+            book_prefix + "norm2.shift": src[ours_prefix + "norm2.bias"],
+        }
+    # strict=False only for the book's causal-mask buffers, which are not weights.
+    missing, unexpected = book.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
+    if unexpected or any(not name.endswith("att.mask") for name in missing):
+        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+
+
+_WEIGHTS_DIR = tempfile.TemporaryDirectory(prefix="bench-train-")
+
+
+def initial_weights(cfg: dict) -> dict:
+    """Our model's initial weights (seeded); every run of either side starts from these.
+
+    They go through a file that is memory-mapped back, so they sit in the page cache instead of
+    adding a third copy of GPT-2 small to the process's own memory.
+    """
+    torch.manual_seed(123)
+    path = Path(_WEIGHTS_DIR.name) / f"initial-{len(os.listdir(_WEIGHTS_DIR.name))}.pt"
+    torch.save(GPTModel(cfg).state_dict(), path)
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+def build(side: str, cfg: dict, weights: dict) -> torch.nn.Module:
+    """A fresh model of one side with the given (our-layout) weights."""
+    ours = GPTModel(cfg)
+    ours.load_state_dict(weights)
+    if side == "ours":
+        return ours
+    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+
+    book = BookGPTModel(cfg)
+    copy_into_book_model(ours, book)
+    return book
+
+
+# ---------------------------------------------------------------------------------------
+# Correctness: the same first losses from the same weights
+# ---------------------------------------------------------------------------------------
+
+
+def first_losses(model, optimizer, batches) -> list[float]:
+    losses = []
+    model.train()
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        loss = calc_loss_batch(inputs, targets, model, "cpu")
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def check_same_losses(train_loader) -> dict:
+    """Dropout off (its random masks are drawn differently), same weights, same batches.
+
+    One model at a time, so that memory holds a single GPT-2 small with its optimizer state.
+    """
+    cfg = {**CFG, "drop_rate": 0.0}
+    batches = [batch for _, batch in zip(range(CHECK_STEPS), train_loader, strict=False)]
+    weights = initial_weights(cfg)
+
+    def losses(side, make_opt):
+        model = build(side, cfg, weights)
+        return first_losses(model, make_opt(model), batches)
+
+    def book_adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+    book_losses = losses("book", book_adamw)
+    # Ours with the book's optimizer: the model alone must give the book's losses ...
+    plain_losses = losses("ours", book_adamw)
+    # ... and with make_optimizer (fused, no decay on biases/norms/embeddings) nearly so.
+    shared_losses = losses("ours", lambda model: make_optimizer(model, LR, WEIGHT_DECAY))
+    diff_plain = max(abs(a - b) for a, b in zip(plain_losses, book_losses, strict=True))
+    diff_shared = max(abs(a - b) for a, b in zip(shared_losses, book_losses, strict=True))
+    return {
+        "steps": CHECK_STEPS,
+        "book": book_losses,
+        "ours_with_book_adamw": plain_losses,
+        "ours_with_make_optimizer": shared_losses,
+        "max_abs_diff_same_optimizer": diff_plain,
+        "max_abs_diff_make_optimizer": diff_shared,
+        "same_within_1e-4": diff_plain < 1e-4 and diff_shared < 1e-4,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+
+
+def run_ours(model, optimizer, train_loader, val_loader, tokenizer) -> tuple[float, int, float]:
+    started = time.perf_counter()
+    history = train_model(
+        model, train_loader, val_loader, optimizer, "cpu", 1, EVAL_FREQ, EVAL_ITER,
+        start_context=START_CONTEXT, tokenizer=tokenizer, progress=False,
+    )  # fmt: skip
+    return time.perf_counter() - started, history.total_tokens, history.val_losses[-1]
+
+
+def run_book(model, optimizer, train_loader, val_loader, tokenizer) -> tuple[float, int, float]:
+    from llms_from_scratch.ch05 import train_model_simple
+
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every evaluation and a sample
+        _, val_losses, tokens_seen = train_model_simple(
+            model, train_loader, val_loader, optimizer, "cpu", 1, EVAL_FREQ, EVAL_ITER,
+            start_context=START_CONTEXT, tokenizer=tokenizer,
+        )  # fmt: skip
+    return time.perf_counter() - started, tokens_seen[-1] if tokens_seen else 0, val_losses[-1]
+
+
+def epoch_tokens(train_loader) -> int:
+    return sum(inputs.numel() for inputs, _ in train_loader)
+
+
+def time_rounds(train_loader, val_loader, tokenizer, report=None) -> dict:
+    weights = initial_weights(CFG)
+    sides = {
+        "ours": (run_ours, lambda model: make_optimizer(model, LR, WEIGHT_DECAY)),
+        "book": (
+            run_book,
+            lambda model: torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY),
+        ),
+    }
+    tokens = epoch_tokens(train_loader)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    val_losses: dict[str, list[float]] = {name: [] for name in sides}
+    params = {}
+    # Each run trains one epoch from the same initial weights with the same shuffle, so both sides
+    # do the same work; models are built outside the timed region and freed after each run (one
+    # GPT-2 small with its optimizer state in memory at a time). The correctness check has already
+    # run both models on the same shapes (the warm-up).
+    for round_index in range(1, ROUNDS + 1):
+        order = list(sides) if round_index % 2 == 1 else list(reversed(sides))
+        for name in order:
+            run, make_opt = sides[name]
+            model = build(name, CFG, weights)
+            optimizer = make_opt(model)
+            params[name] = count_parameters(model)
+            torch.manual_seed(1000 + round_index)  # the same shuffle and dropout seed for both sides
+            elapsed, _, val_loss = run(model, optimizer, train_loader, val_loader, tokenizer)
+            del model, optimizer
+            print(
+                f"round {round_index}: {name} {elapsed:.1f} s ({tokens / elapsed:.0f} tokens/s)", flush=True
+            )
+            seconds[name].append(elapsed)
+            rates[name].append(tokens / elapsed)
+            val_losses[name].append(val_loss)
+            if report is not None:  # keep what is measured so far, in case the run is cut short
+                report({"seconds": seconds, "tokens_per_s_rounds": rates, "val_loss_after_epoch": val_losses})
+    return {
+        "tokens_per_epoch": tokens,
+        "params": params,
+        "val_loss_after_epoch": val_losses,
+        "seconds": seconds,
+        "tokens_per_s_rounds": rates,
+        "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
+        "round_ratios": [a / b for a, b in zip(rates["ours"], rates["book"], strict=True)],
+    }
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        file.write(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
+    )
+    out_path = parser.parse_args(argv).out
+    try:
+        import llms_from_scratch.ch05  # noqa: F401
+    except ImportError:
+        sys.exit("needs the book's reference code: pip install --no-deps llms-from-scratch")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}", flush=True)
+    tokenizer = get_gpt2_tokenizer()
+    train_loader, val_loader = make_loaders()
+
+    result = {
+        "benchmark": "train",
+        "environment": environment(),
+        "quick": is_quick(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "torch": torch.__version__,
+        "config": CFG,
+        "batch": [2, CFG["context_length"]],
+        "eval": {"eval_freq": EVAL_FREQ, "eval_iter": EVAL_ITER},
+        "rounds": ROUNDS,
+        "complete": False,
+    }
+    check = check_same_losses(train_loader)
+    result["check"] = check
+    write_json(out_path, result)
+    print(
+        f"first {CHECK_STEPS} losses, dropout off: book {[round(x, 5) for x in check['book']]}, "
+        f"ours (book's AdamW) {[round(x, 5) for x in check['ours_with_book_adamw']]}, "
+        f"ours (make_optimizer) {[round(x, 5) for x in check['ours_with_make_optimizer']]}; "
+        f"max |diff| {check['max_abs_diff_same_optimizer']:.1e} / {check['max_abs_diff_make_optimizer']:.1e}",
+        flush=True,
+    )
+
+    def report(partial):
+        write_json(out_path, {**result, "timing_so_far": partial})
+
+    timing = time_rounds(train_loader, val_loader, tokenizer, report)
+    # Headline: the median of the per-round ratios. A round's two runs follow each other, so a
+    # change in the machine's load between rounds cancels out; the ratio of the medians does not.
+    speedup = statistics.median(timing["round_ratios"])
+    ratio_of_medians = timing["tokens_per_s"]["ours"] / timing["tokens_per_s"]["book"]
+    print("\n| training loop | tokens/s (median) | vs book |")
+    print("|---|---:|---:|")
+    for name, label in (
+        ("ours", "ours: `train_model` + `make_optimizer`"),
+        ("book", "book: `train_model_simple`"),
+    ):
+        rate = timing["tokens_per_s"][name]
+        print(f"| {label} | {rate:.0f} | {rate / timing['tokens_per_s']['book']:.2f}x |")
+    print(f"per-round ratios: {[round(r, 2) for r in timing['round_ratios']]}; median {speedup:.2f}x")
+    result |= {
+        "timing": timing,
+        "speedup": speedup,
+        "ratio_of_medians": ratio_of_medians,
+        "complete": True,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    write_json(out_path, result)
+    print(f"\nwrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
