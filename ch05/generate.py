@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from shared.checkpoint import CheckpointError, read_checkpoint
-from shared.generate import generate
+from shared.generate import beam_search, generate
 from shared.model import GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.utils import get_device
@@ -67,51 +67,6 @@ def _from_checkpoint(path: Path, device) -> GPTModel:
 
 
 @torch.no_grad()
-def beam_search(
-    model: GPTModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    num_beams: int,
-    eos_id: int | None = None,
-    length_penalty: float = 1.0,
-) -> torch.Tensor:
-    """The highest-scoring continuation of one prompt ``idx`` (1, tokens) found by beam search.
-
-    Keeps the ``num_beams`` best partial sequences by summed log-probability; a beam that has
-    produced ``eos_id`` is finished and only waits (its score frozen). The winner is chosen by
-    score / length ** length_penalty, so longer answers are not punished for having more terms.
-    With one beam this is greedy decoding.
-    """
-    if idx.shape[0] != 1:
-        raise ValueError(f"beam search takes one prompt at a time, got a batch of {idx.shape[0]}.")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be at least 1, got {num_beams}.")
-    context = model.context_length
-    beams = idx
-    scores = torch.zeros(1, device=idx.device)
-    finished = torch.zeros(1, dtype=torch.bool, device=idx.device)
-    lengths = torch.zeros(1, device=idx.device)  # generated tokens per beam, up to and with eos
-    for _ in range(max_new_tokens):
-        log_probs = model(beams[:, -context:])[:, -1, :].float().log_softmax(dim=-1)
-        if eos_id is not None and finished.any():
-            # A finished beam extends only by eos, at no cost, so it keeps its score and its place.
-            log_probs[finished] = float("-inf")
-            log_probs[finished, eos_id] = 0.0
-        vocab = log_probs.shape[-1]
-        candidates = (scores[:, None] + log_probs).flatten()
-        scores, flat = candidates.topk(min(num_beams, candidates.numel()))
-        parents, tokens = flat // vocab, flat % vocab
-        lengths = lengths[parents] + (~finished[parents]).float()
-        finished = finished[parents]
-        beams = torch.cat([beams[parents], tokens[:, None]], dim=1)
-        if eos_id is not None:
-            finished = finished | (tokens == eos_id)
-            if finished.all():
-                break
-    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax()
-    return beams[best : best + 1]
-
-
 def complete(model: GPTModel, tokenizer, prompt: str, args, device) -> str:
     """The model's continuation of ``prompt`` (the prompt itself not included)."""
     ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})

@@ -307,9 +307,8 @@ def check_writable(folder: Path, what: str) -> None:
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Half-written checkpoints from a run killed while saving (they never replaced a good file)."""
-    for pattern in (".step_*.tmp", ".step_*.part"):  # shared.checkpoint's temporary names
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
+    for path in folder.glob(".step_*.part"):  # shared.utils.atomic_path's temporary names
+        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

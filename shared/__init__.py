@@ -3,7 +3,7 @@
 Each chapter builds a piece step by step in its notebook; the final form lives here and
 every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
-- ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner
+- ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path
 - ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data
 - ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer
@@ -12,8 +12,8 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
 - ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
-- ``shared.weights`` (ch04): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
-- ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at
+- ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
+- ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, lr_at, WarmupCosine
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
 - ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
 - ``shared.classification`` (ch06): prepare_spam_splits, SpamDataset, create_classification_loader, make_classifier,

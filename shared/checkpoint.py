@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from shared.utils import atomic_path
 
 FORMAT = "llms-checkpoint/1"
 
@@ -99,16 +100,10 @@ def save_checkpoint(
         "rng": rng_states(),
         "extra": extra or {},
     }
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(checkpoint, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
     return path
 
 
