@@ -66,10 +66,13 @@ def make_loaders(context_length: int):
     return train_loader, val_loader
 
 
-def run(name: str, refined: bool, num_epochs: int, device, cfg: dict) -> dict:
+def run(name: str, refined: bool, num_epochs: int, device, cfg: dict, init: str = "gpt2") -> dict:
     train_loader, val_loader = make_loaders(cfg["context_length"])
     set_seed(SEED)
-    model = GPTModel(cfg).to(device)
+    model = GPTModel(cfg)
+    if init == "pytorch":
+        model.reset_parameters("pytorch")  # the book's model: PyTorch's default initialisation
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=WEIGHT_DECAY)
     total_steps = len(train_loader) * num_epochs
     warmup_steps = int(WARMUP_FRACTION * total_steps)
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--run", choices=("plain", "refined", "both"), default="both")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--init", choices=("gpt2", "pytorch"), default="gpt2",
+                        help="GPTModel's GPT-2 initialisation (default) or PyTorch's, as the book's model")
     parser.add_argument("--out-dir", type=Path, default=HERE)
     args = parser.parse_args()
     if args.epochs < 1:
@@ -136,7 +141,7 @@ def main() -> None:
             "epochs": args.epochs, "peak_lr": PEAK_LR, "initial_lr": INITIAL_LR, "min_lr": MIN_LR,
             "warmup_fraction": WARMUP_FRACTION, "max_norm": MAX_NORM,
             "optimizer": f"torch.optim.AdamW(weight_decay={WEIGHT_DECAY})", "seed": SEED,
-            "eval_freq": 5, "eval_iter": 1,
+            "eval_freq": 5, "eval_iter": 1, "init": args.init,
         },
         "hardware": {"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
                      "threads": torch.get_num_threads()},
@@ -144,7 +149,7 @@ def main() -> None:
     names = ("plain", "refined") if args.run == "both" else (args.run,)
     for name in names:
         out = args.out_dir / f"book_scale_{name}.json"
-        write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg)})
+        write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg, args.init)})
         print(f"wrote {out}", flush=True)
 
 

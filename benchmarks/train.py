@@ -14,14 +14,21 @@ Both models start from the same weights (ours copied into the book's: our fused 
 split into its ``W_query``/``W_key``/``W_value``). Before timing, a correctness check runs the first
 optimizer steps of both with dropout off and compares the losses.
 
+Two more columns of ours, same loop: ``ours_bf16`` runs the forward passes under bfloat16 autocast
+(``train_model(..., autocast_dtype=torch.bfloat16)``: bfloat16 matrix products, float32 weights,
+gradients and optimizer state), and with ``--compile`` ``ours_bf16_compile`` adds
+``torch.compile`` (worth it on a GPU; on a small CPU the compilation takes minutes). Their first
+losses are compared with the book's float32 ones too, to bfloat16's precision.
+
 Timing: one round = one epoch (9 optimizer steps, 2 evaluations, 1 sample) per side, each from
-the same initial weights and data order, sides interleaved and their order alternated (the
-correctness check warms both up); the figure is the median over rounds of
+the same initial weights and data order, sides interleaved and their order alternated,
+after one untimed warm-up epoch per side; the figure is the median over rounds of
 tokens trained per second of wall time (evaluation and sampling included, as a learner experiences
 them), and the headline ratio is the median of the per-round ratios (ours / book).
 ``LLMS_QUICK=1`` shrinks the model, the context and the text to a smoke test.
 
-Run from the repository root: ``python benchmarks/train.py``. Writes benchmarks/results/train.json.
+Run from the repository root: ``python benchmarks/train.py``. Writes benchmarks/results/train.json
+(``--device cuda --compile --out benchmarks/results/train_cuda.json`` for the GPU table).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from shared.data import load_the_verdict
 from shared.dataloader import create_dataloader
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import calc_loss_batch, make_optimizer, train_model
+from shared.train import autocast, calc_loss_batch, make_optimizer, train_model
 from shared.utils import by_mode, is_quick
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,19 +158,20 @@ def build(side: str, cfg: dict, weights: dict) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------
 
 
-def first_losses(model, optimizer, batches) -> list[float]:
+def first_losses(model, optimizer, batches, device, autocast_dtype=None) -> list[float]:
     losses = []
     model.train()
     for inputs, targets in batches:
         optimizer.zero_grad()
-        loss = calc_loss_batch(inputs, targets, model, "cpu")
+        with autocast(device, autocast_dtype):
+            loss = calc_loss_batch(inputs, targets, model, device)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return losses
 
 
-def check_same_losses(train_loader) -> dict:
+def check_same_losses(train_loader, device) -> dict:
     """Dropout off (its random masks are drawn differently), same weights, same batches.
 
     One model at a time, so that memory holds a single GPT-2 small with its optimizer state.
@@ -172,9 +180,9 @@ def check_same_losses(train_loader) -> dict:
     batches = [batch for _, batch in zip(range(CHECK_STEPS), train_loader, strict=False)]
     weights = initial_weights(cfg)
 
-    def losses(side, make_opt):
-        model = build(side, cfg, weights)
-        return first_losses(model, make_opt(model), batches)
+    def losses(side, make_opt, autocast_dtype=None):
+        model = build(side, cfg, weights).to(device)
+        return first_losses(model, make_opt(model), batches, device, autocast_dtype)
 
     def book_adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -184,16 +192,22 @@ def check_same_losses(train_loader) -> dict:
     plain_losses = losses("ours", book_adamw)
     # ... and with make_optimizer (fused, no decay on biases/norms/embeddings) nearly so.
     shared_losses = losses("ours", lambda model: make_optimizer(model, LR, WEIGHT_DECAY))
+    # ... and under bfloat16 autocast, to bfloat16's precision (about 3 significant digits).
+    bf16_losses = losses("ours", lambda model: make_optimizer(model, LR, WEIGHT_DECAY), torch.bfloat16)
     diff_plain = max(abs(a - b) for a, b in zip(plain_losses, book_losses, strict=True))
     diff_shared = max(abs(a - b) for a, b in zip(shared_losses, book_losses, strict=True))
+    diff_bf16 = max(abs(a - b) for a, b in zip(bf16_losses, book_losses, strict=True))
     return {
         "steps": CHECK_STEPS,
         "book": book_losses,
         "ours_with_book_adamw": plain_losses,
         "ours_with_make_optimizer": shared_losses,
+        "ours_bf16_autocast": bf16_losses,
         "max_abs_diff_same_optimizer": diff_plain,
         "max_abs_diff_make_optimizer": diff_shared,
+        "max_abs_diff_bf16_autocast": diff_bf16,
         "same_within_1e-4": diff_plain < 1e-4 and diff_shared < 1e-4,
+        "bf16_within_0.05": diff_bf16 < 0.05,
     }
 
 
@@ -202,62 +216,97 @@ def check_same_losses(train_loader) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def run_ours(model, optimizer, train_loader, val_loader, tokenizer) -> tuple[float, int, float]:
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(model, optimizer, train_loader, val_loader, tokenizer, device, autocast_dtype=None):
+    _synchronize(device)
     started = time.perf_counter()
-    history = train_model(
-        model, train_loader, val_loader, optimizer, "cpu", 1, EVAL_FREQ, EVAL_ITER,
-        start_context=START_CONTEXT, tokenizer=tokenizer, progress=False,
-    )  # fmt: skip
-    return time.perf_counter() - started, history.total_tokens, history.val_losses[-1]
+    with contextlib.redirect_stdout(io.StringIO()):  # the sample after the epoch, as for the book
+        history = train_model(
+            model, train_loader, val_loader, optimizer, device, 1, EVAL_FREQ, EVAL_ITER,
+            start_context=START_CONTEXT, tokenizer=tokenizer, progress=False, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+    _synchronize(device)
+    return time.perf_counter() - started, history.val_losses[-1]
 
 
-def run_book(model, optimizer, train_loader, val_loader, tokenizer) -> tuple[float, int, float]:
+def run_book(model, optimizer, train_loader, val_loader, tokenizer, device):
     from llms_from_scratch.ch05 import train_model_simple
 
+    _synchronize(device)
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every evaluation and a sample
-        _, val_losses, tokens_seen = train_model_simple(
-            model, train_loader, val_loader, optimizer, "cpu", 1, EVAL_FREQ, EVAL_ITER,
+        _, val_losses, _ = train_model_simple(
+            model, train_loader, val_loader, optimizer, device, 1, EVAL_FREQ, EVAL_ITER,
             start_context=START_CONTEXT, tokenizer=tokenizer,
         )  # fmt: skip
-    return time.perf_counter() - started, tokens_seen[-1] if tokens_seen else 0, val_losses[-1]
+    _synchronize(device)
+    return time.perf_counter() - started, val_losses[-1]
 
 
 def epoch_tokens(train_loader) -> int:
     return sum(inputs.numel() for inputs, _ in train_loader)
 
 
-def time_rounds(train_loader, val_loader, tokenizer, report=None) -> dict:
-    weights = initial_weights(CFG)
+def make_sides(compile_model: bool) -> dict:
+    """name -> (model side, optimizer factory, run function, autocast dtype, compile?)."""
+
+    def ours_adamw(model):
+        return make_optimizer(model, LR, WEIGHT_DECAY)
+
+    def book_adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
     sides = {
-        "ours": (run_ours, lambda model: make_optimizer(model, LR, WEIGHT_DECAY)),
-        "book": (
-            run_book,
-            lambda model: torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY),
-        ),
+        "ours": ("ours", ours_adamw, run_ours, None, False),
+        "ours_bf16": ("ours", ours_adamw, run_ours, torch.bfloat16, False),
     }
+    if compile_model:
+        sides["ours_bf16_compile"] = ("ours", ours_adamw, run_ours, torch.bfloat16, True)
+    sides["book"] = ("book", book_adamw, run_book, None, False)
+    return sides
+
+
+def time_rounds(train_loader, val_loader, tokenizer, device, compile_model=False, report=None) -> dict:
+    weights = initial_weights(CFG)
+    sides = make_sides(compile_model)
     tokens = epoch_tokens(train_loader)
     rates: dict[str, list[float]] = {name: [] for name in sides}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     val_losses: dict[str, list[float]] = {name: [] for name in sides}
+    warm_up_seconds: dict[str, float] = {}
     params = {}
-    # Each run trains one epoch from the same initial weights with the same shuffle, so both sides
-    # do the same work; models are built outside the timed region and freed after each run (one
-    # GPT-2 small with its optimizer state in memory at a time). The correctness check has already
-    # run both models on the same shapes (the warm-up).
+
+    def one_epoch(name):
+        side, make_opt, run, autocast_dtype, compiled = sides[name]
+        model = build(side, CFG, weights).to(device)
+        params[name] = count_parameters(model)
+        optimizer = make_opt(model)
+        if compiled:
+            model = torch.compile(model)
+        extra = {} if side == "book" else {"autocast_dtype": autocast_dtype}
+        return run(model, optimizer, train_loader, val_loader, tokenizer, device, **extra)
+
+    # One untimed epoch per side first: the correctness check ran float32 only, and bfloat16
+    # kernels, a GPU's libraries and torch.compile's compilation all pay a first-call cost.
+    for name in sides:
+        torch.manual_seed(999)
+        warm_up_seconds[name], _ = one_epoch(name)
+        print(f"warm-up: {name} {warm_up_seconds[name]:.1f} s", flush=True)
+
+    # Each run trains one epoch from the same initial weights with the same shuffle, so every
+    # side does the same work. The clock starts inside run(), after the model is built, and the
+    # model is freed after each run, so one GPT-2 small with its optimizer state is in memory
+    # at a time. Sides take turns, and the order is reversed every other round.
     for round_index in range(1, ROUNDS + 1):
         order = list(sides) if round_index % 2 == 1 else list(reversed(sides))
         for name in order:
-            run, make_opt = sides[name]
-            model = build(name, CFG, weights)
-            optimizer = make_opt(model)
-            params[name] = count_parameters(model)
-            torch.manual_seed(1000 + round_index)  # the same shuffle and dropout seed for both sides
-            elapsed, _, val_loss = run(model, optimizer, train_loader, val_loader, tokenizer)
-            del model, optimizer
-            print(
-                f"round {round_index}: {name} {elapsed:.1f} s ({tokens / elapsed:.0f} tokens/s)", flush=True
-            )
+            torch.manual_seed(1000 + round_index)  # the same shuffle and dropout seed for every side
+            elapsed, val_loss = one_epoch(name)
+            print(f"round {round_index}: {name} {elapsed:.1f} s ({tokens / elapsed:.0f} tokens/s)", flush=True)
             seconds[name].append(elapsed)
             rates[name].append(tokens / elapsed)
             val_losses[name].append(val_loss)
@@ -266,11 +315,18 @@ def time_rounds(train_loader, val_loader, tokenizer, report=None) -> dict:
     return {
         "tokens_per_epoch": tokens,
         "params": params,
+        "warm_up_seconds": warm_up_seconds,
         "val_loss_after_epoch": val_losses,
         "seconds": seconds,
         "tokens_per_s_rounds": rates,
         "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
-        "round_ratios": [a / b for a, b in zip(rates["ours"], rates["book"], strict=True)],
+        # Per-round ratios against the book: a round's runs follow each other, so load drift
+        # between rounds cancels out.
+        "round_ratios": {
+            name: [a / b for a, b in zip(rates[name], rates["book"], strict=True)]
+            for name in sides
+            if name != "book"
+        },
     }
 
 
@@ -282,17 +338,29 @@ def write_json(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+LABELS = {
+    "ours": "ours: `train_model` + `make_optimizer`, float32",
+    "ours_bf16": "ours, bfloat16 autocast (`autocast_dtype=torch.bfloat16`)",
+    "ours_bf16_compile": "ours, bfloat16 autocast + `torch.compile`",
+    "book": "book: `train_model_simple` + `AdamW`, float32",
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
     )
-    out_path = parser.parse_args(argv).out
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
+    args = parser.parse_args(argv)
+    out_path, device = args.out, torch.device(args.device)
     try:
         import llms_from_scratch.ch05  # noqa: F401
     except ImportError:
         sys.exit("needs the book's reference code: pip install --no-deps llms-from-scratch")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={is_quick()}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, quick={is_quick()}",
+          flush=True)  # fmt: skip
     tokenizer = get_gpt2_tokenizer()
     train_loader, val_loader = make_loaders()
 
@@ -300,6 +368,8 @@ def main(argv=None):
         "benchmark": "train",
         "environment": environment(),
         "quick": is_quick(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -314,38 +384,36 @@ def main(argv=None):
         "rounds": ROUNDS,
         "complete": False,
     }
-    check = check_same_losses(train_loader)
+    check = check_same_losses(train_loader, device)
     result["check"] = check
     write_json(out_path, result)
     print(
         f"first {CHECK_STEPS} losses, dropout off: book {[round(x, 5) for x in check['book']]}, "
         f"ours (book's AdamW) {[round(x, 5) for x in check['ours_with_book_adamw']]}, "
-        f"ours (make_optimizer) {[round(x, 5) for x in check['ours_with_make_optimizer']]}; "
-        f"max |diff| {check['max_abs_diff_same_optimizer']:.1e} / {check['max_abs_diff_make_optimizer']:.1e}",
+        f"ours (make_optimizer) {[round(x, 5) for x in check['ours_with_make_optimizer']]}, "
+        f"ours bf16 {[round(x, 5) for x in check['ours_bf16_autocast']]}; max |diff| "
+        f"{check['max_abs_diff_same_optimizer']:.1e} / {check['max_abs_diff_make_optimizer']:.1e} / "
+        f"{check['max_abs_diff_bf16_autocast']:.1e}",
         flush=True,
     )
 
     def report(partial):
         write_json(out_path, {**result, "timing_so_far": partial})
 
-    timing = time_rounds(train_loader, val_loader, tokenizer, report)
-    # Headline: the median of the per-round ratios. A round's two runs follow each other, so a
-    # change in the machine's load between rounds cancels out; the ratio of the medians does not.
-    speedup = statistics.median(timing["round_ratios"])
-    ratio_of_medians = timing["tokens_per_s"]["ours"] / timing["tokens_per_s"]["book"]
-    print("\n| training loop | tokens/s (median) | vs book |")
+    timing = time_rounds(train_loader, val_loader, tokenizer, device, args.compile, report)
+    # Headline: the median of the per-round ratios (ours / book).
+    speedups = {name: statistics.median(ratios) for name, ratios in timing["round_ratios"].items()}
+    print(f"\n| training loop ({device}) | tokens/s (median) | vs book (median of rounds) |")
     print("|---|---:|---:|")
-    for name, label in (
-        ("ours", "ours: `train_model` + `make_optimizer`"),
-        ("book", "book: `train_model_simple`"),
-    ):
-        rate = timing["tokens_per_s"][name]
-        print(f"| {label} | {rate:.0f} | {rate / timing['tokens_per_s']['book']:.2f}x |")
-    print(f"per-round ratios: {[round(r, 2) for r in timing['round_ratios']]}; median {speedup:.2f}x")
+    for name, rate in timing["tokens_per_s"].items():
+        ratio = f"{speedups[name]:.2f}x" if name in speedups else "1.00x"
+        print(f"| {LABELS[name]} | {rate:.0f} | {ratio} |")
+    for name, ratios in timing["round_ratios"].items():
+        print(f"per-round ratios, {name}: {[round(r, 2) for r in ratios]}")
     result |= {
         "timing": timing,
-        "speedup": speedup,
-        "ratio_of_medians": ratio_of_medians,
+        "speedup": speedups["ours"],
+        "speedups": speedups,
         "complete": True,
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

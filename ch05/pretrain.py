@@ -62,7 +62,7 @@ from shared.corpus import (
 from shared.data import data_dir
 from shared.distributed import distributed_session, print_main
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
-from shared.train import TrainHistory, WarmupCosine, calc_loss_batch, make_optimizer
+from shared.train import TrainHistory, WarmupCosine, autocast, calc_loss_batch, make_optimizer
 from shared.utils import get_device
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2, save_hf_gpt2
 
@@ -212,7 +212,7 @@ def autocast_for(device: torch.device, dtype: str):
     )
     if not use_bf16:
         return nullcontext, "float32"
-    return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), "bfloat16"
+    return (lambda: autocast(device, torch.bfloat16)), "bfloat16"
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ instruction finetuning is only how a batch turns into a loss, so the loss is a p
   learning-rate schedule and gradient clipping (appendix D), gradient accumulation, a progress
   bar, per-epoch metrics and exact resumption from a checkpoint (:mod:`shared.checkpoint`);
 - :func:`make_optimizer`: AdamW with weight decay on matrices only, fused where possible;
-- :func:`lr_at` and :class:`WarmupCosine`: linear warm-up then cosine decay (appendix D).
+- :func:`lr_at` and :class:`WarmupCosine`: linear warm-up then cosine decay (appendix D);
+- :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32).
 
 A loss function has the signature of :func:`calc_loss_batch`:
 ``loss_fn(input_batch, target_batch, model, device) -> scalar tensor``.
@@ -17,6 +18,7 @@ A loss function has the signature of :func:`calc_loss_batch`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -105,6 +107,31 @@ def evaluate_model(
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
     model.train(was_training)
     return train_loss, val_loss
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+def autocast(device, dtype: torch.dtype | str | None = None) -> contextlib.AbstractContextManager:
+    """A context for forward passes: bfloat16 autocast when ``dtype`` is bfloat16, else a no-op.
+
+    Under autocast the matrix products run in bfloat16 while the weights, their gradients and the
+    optimizer state stay float32, and PyTorch keeps precision-sensitive ops (softmax, the loss) in
+    float32. bfloat16 has float32's exponent range, so no loss scaling is needed; float16 would
+    need a ``GradScaler`` and is refused. On GPUs since Ampere and on CPUs with AVX512-BF16 or AMX
+    the matrix products run several times faster (``benchmarks/train.py`` measures it); losses
+    agree with float32 to about two decimals, not bit for bit.
+    """
+    if dtype is None or dtype in (torch.float32, "float32"):
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, "bfloat16"):
+        raise ValueError(
+            f"autocast dtype must be None (float32) or bfloat16, got {dtype!r}; float16 needs "
+            "loss scaling (torch.amp.GradScaler), which this loop does not do."
+        )
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +380,7 @@ def train_model(
     history: TrainHistory | dict | None = None,
     checkpoint_path=None,
     checkpoint_every: int | None = None,
+    autocast_dtype: torch.dtype | str | None = None,
 ) -> TrainHistory:
     """Train for ``num_epochs`` epochs; evaluate every ``eval_freq`` optimizer steps.
 
@@ -374,6 +402,8 @@ def train_model(
       continues where it stopped, mid-epoch included, with the same data order.
     - ``checkpoint_path`` + ``checkpoint_every``: save a resumable checkpoint (atomically) every
       ``checkpoint_every`` optimizer steps and at the end of every epoch.
+    - ``autocast_dtype=torch.bfloat16``: forward passes (training, evaluation, samples) under
+      bfloat16 autocast (see :func:`autocast`); the default None trains in float32.
 
     The loss is read from the device only at evaluations, so steps run without waiting for it.
     Returns the :class:`TrainHistory`, which unpacks as ``train_losses, val_losses, tokens_seen``.
@@ -391,6 +421,7 @@ def train_model(
         history = TrainHistory.from_state_dict(history)
     history = history if history is not None else TrainHistory()
     device = torch.device(device)
+    autocast(device, autocast_dtype)  # refuses a bad dtype before any work is done
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save() -> None:
@@ -412,7 +443,8 @@ def train_model(
         optimizer.zero_grad(set_to_none=True)
         remaining = len(train_loader) - history.batches_done if hasattr(train_loader, "__len__") else None
         for index, (input_batch, target_batch) in enumerate(batches):
-            loss = loss_fn(input_batch, target_batch, model, device)
+            with autocast(device, autocast_dtype):
+                loss = loss_fn(input_batch, target_batch, model, device)
             (loss / grad_accum_steps if grad_accum_steps > 1 else loss).backward()
             tokens, rows = _count(input_batch)
             history.total_tokens += tokens
@@ -440,9 +472,10 @@ def train_model(
             bar.update(1)
 
             if step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, loss_fn
-                )
+                with autocast(device, autocast_dtype):
+                    train_loss, val_loss = evaluate_model(
+                        model, train_loader, val_loader, device, eval_iter, loss_fn
+                    )
                 history.train_losses.append(train_loss)
                 history.val_losses.append(val_loss)
                 history.tokens_seen.append(history.total_tokens)
@@ -464,9 +497,9 @@ def train_model(
             history.epoch_metrics.append(dict(epoch_end(history.epoch, model)))
             model.train()
         if tokenizer is not None and start_context is not None:
-            bar.write(
-                f"epoch {history.epoch}: {_sample(model, tokenizer, start_context, device, max_new_tokens)}"
-            )
+            with autocast(device, autocast_dtype):
+                sample = _sample(model, tokenizer, start_context, device, max_new_tokens)
+            bar.write(f"epoch {history.epoch}: {sample}")
         if checkpoint_path is not None:
             history.grad_norms.extend(float(n) for n in pending_norms)
             pending_norms.clear()

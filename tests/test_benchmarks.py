@@ -154,6 +154,9 @@ def test_train_benchmark_checks_equal_losses_and_reports_both_loops(tmp_path):
     check = result["check"]
     assert len(check["book"]) == check["steps"] == len(check["ours_with_make_optimizer"])
     assert check["max_abs_diff_same_optimizer"] < 1e-4 and check["same_within_1e-4"] is True
+    assert check["max_abs_diff_bf16_autocast"] < 0.05 and check["bf16_within_0.05"] is True
     rates = result["timing"]["tokens_per_s"]
-    assert rates["ours"] > 0 and rates["book"] > 0 and result["speedup"] > 0
+    assert set(rates) == {"ours", "ours_bf16", "book"}  # no compile column unless asked
+    assert all(rate > 0 for rate in rates.values()) and result["speedup"] > 0
+    assert result["speedups"]["ours_bf16"] > 0
     assert result["timing"]["params"]["ours"] == result["timing"]["params"]["book"]

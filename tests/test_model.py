@@ -206,3 +206,28 @@ def test_residual_projections_start_with_smaller_weights():
     assert block.att.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.ff.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
     assert block.ff.fc.bias.abs().sum() == 0
+
+
+def test_pytorch_init_scheme_gives_the_books_defaults():
+    # The book's GPTModel never re-initialises, so its layers keep PyTorch's defaults.
+    model = GPTModel({**GPT_CONFIGS["gpt2-small"], "n_layers": 2, "vocab_size": 3000, "context_length": 64})
+    model.reset_parameters("pytorch")
+    assert model.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.pos_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    fc = model.trf_blocks[0].ff.fc
+    bound = 1 / fc.in_features**0.5  # nn.Linear: uniform in +-1/sqrt(fan_in), weights and biases
+    assert fc.weight.abs().max().item() <= bound and fc.bias.abs().max().item() <= bound
+    assert fc.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    assert torch.equal(model.final_norm.weight, torch.ones(768))
+
+
+def test_pytorch_init_keeps_a_tied_head_on_the_embedding_matrix():
+    model = tiny_model(tie_weights=True)
+    model.reset_parameters("pytorch")
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_unknown_init_scheme_is_refused():
+    with pytest.raises(ValueError, match="gpt2"):
+        tiny_model().reset_parameters("xavier")

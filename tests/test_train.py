@@ -13,6 +13,7 @@ from shared.model import GPTModel
 from shared.train import (
     EmptyLoaderError,
     WarmupCosine,
+    autocast,
     calc_loss_batch,
     calc_loss_loader,
     evaluate_model,
@@ -293,3 +294,40 @@ def test_train_model_clips_from_the_step_it_says():
     )
     assert history.clipped == [False, False, False, True, True, True]
     assert len(history.grad_norms) == 6 and all(n > 1e-3 for n in history.grad_norms)
+
+
+def test_bfloat16_autocast_trains_close_to_float32_with_float32_weights():
+    histories, models = [], []
+    for dtype in (None, torch.bfloat16):
+        model = _model(drop_rate=0.0)
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        histories.append(
+            train_model(model, _random_loader(), _random_loader(seed=1), optimizer, "cpu", 2, 2, 2,
+                        progress=False, autocast_dtype=dtype)  # fmt: skip
+        )
+        models.append(model)
+    float32, bfloat16 = histories
+    assert len(float32.train_losses) == len(bfloat16.train_losses) > 2
+    pairs = zip(float32.train_losses + float32.val_losses, bfloat16.train_losses + bfloat16.val_losses, strict=True)
+    for a, b in pairs:
+        assert a == pytest.approx(b, abs=0.05)  # bfloat16 keeps about 3 significant digits
+    assert float32.train_losses != bfloat16.train_losses  # it did run in lower precision
+    assert all(p.dtype == torch.float32 for p in models[1].parameters())
+
+
+def test_autocast_runs_matrix_products_in_bfloat16_and_none_is_float32():
+    layer = torch.nn.Linear(4, 4)
+    with autocast("cpu", torch.bfloat16):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+    with autocast("cpu", None):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "fp16", torch.int8])
+def test_autocast_refuses_float16_and_other_dtypes(dtype):
+    with pytest.raises(ValueError, match="bfloat16"):
+        autocast("cpu", dtype)
+    with pytest.raises(ValueError, match="bfloat16"):
+        train_model(_model(), _random_loader(), _random_loader(), make_optimizer(_model(), 1e-3, 0.0),
+                    "cpu", 1, 1, 1, progress=False, autocast_dtype=dtype)  # fmt: skip

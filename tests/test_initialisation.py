@@ -1,0 +1,38 @@
+"""ch05/initialisation.py: the three initialisations run the ch05 training and are reported."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_initialisation_script_reports_every_scheme_and_seed(tmp_path):
+    out = tmp_path / "initialisation.json"
+    env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}  # a tiny model, same code
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--epochs", "1", "--seeds", "1", "2",
+         "--device", "cpu", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {(run["scheme"], run["seed"]): run for run in report["runs"]}
+    assert set(runs) == {(s, seed) for s in ("gpt2", "pytorch", "gpt2_embeddings_n01") for seed in (1, 2)}
+    for run in runs.values():
+        assert len(run["train_loss_per_epoch"]) == 1 and run["eval_steps"][0] == 0
+        assert run["final_train_loss"] == run["train_losses"][-1] < run["train_losses"][0]
+    # The same seed gives the same data order, so only the initial weights differ between schemes.
+    assert runs[("gpt2", 1)]["train_losses"][0] != runs[("pytorch", 1)]["train_losses"][0]
+    assert "| pytorch | 2 |" in result.stdout
+
+
+def test_initialisation_script_refuses_zero_epochs(tmp_path):
+    env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--epochs", "0", "--out", str(tmp_path / "x")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--epochs must be at least 1" in result.stderr
