@@ -14,7 +14,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
 - ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, autocast, lr_at, WarmupCosine
-- ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint
+- ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, resume
 - ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
 - ``shared.classification`` (ch06): prepare_spam_splits, SpamDataset, create_classification_loader, make_classifier,
   classifier_logits, classification_loss, calc_accuracy_loader, classify_text, save_classifier, load_classifier

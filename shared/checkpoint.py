@@ -179,3 +179,20 @@ def load_checkpoint(
     if checkpoint["history"] is not None:
         checkpoint["history"] = TrainHistory.from_state_dict(checkpoint["history"])
     return checkpoint
+
+
+def resume(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr_schedule=None, map_location="cpu"):
+    """The :class:`~shared.train.TrainHistory` to continue from, or None when ``path`` does not exist.
+
+    One script can then both start a run and continue it after an interruption::
+
+        history = resume(path, model, optimizer, lr_schedule=schedule)   # None the first time
+        train_model(..., history=history, checkpoint_path=path)
+
+    A file that exists is loaded with :func:`load_checkpoint` (model, optimizer, schedule and
+    random states), so one that is truncated or belongs to another model raises
+    :class:`CheckpointError`: a broken checkpoint is never silently replaced by a fresh start.
+    """
+    if not Path(path).exists():
+        return None
+    return load_checkpoint(path, model, optimizer, lr_schedule=lr_schedule, map_location=map_location)["history"]

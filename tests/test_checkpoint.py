@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.checkpoint import CheckpointError, load_checkpoint, resume, save_checkpoint
 from shared.model import GPTModel
 from shared.train import WarmupCosine, make_optimizer, train_model
 
@@ -156,3 +156,34 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_starts_fresh_without_a_file_and_continues_exactly_with_one(tmp_path, uninterrupted):
+    reference_model, reference = uninterrupted
+    path = tmp_path / "run.pt"
+
+    def one_script_run(num_epochs):
+        model, optimizer, schedule = _setup()  # what a script builds before it knows whether to resume
+        history = resume(path, model, optimizer, lr_schedule=schedule)
+        if history is None:
+            torch.manual_seed(99)  # a fresh run seeds itself; a resumed one gets the saved states
+        resumed_at = None if history is None else history.epoch  # train_model advances it in place
+        return resumed_at, model, _train(
+            model, optimizer, schedule, _loader(), num_epochs, history=history, checkpoint_path=path
+        )
+
+    first_resumed_at, _, _ = one_script_run(1)  # the first call: nothing to resume from
+    assert first_resumed_at is None
+    resumed_at, model, finished = one_script_run(EPOCHS)  # the same script, run again
+    assert resumed_at == 1
+    assert finished.train_losses == reference.train_losses and finished.lrs == reference.lrs
+    for a, b in zip(model.state_dict().values(), reference_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_broken_checkpoint_instead_of_starting_over(tmp_path):
+    model, optimizer, _ = _setup()
+    path = save_checkpoint(tmp_path / "c.pt", model, optimizer)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        resume(path, model, optimizer)
