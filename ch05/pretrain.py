@@ -61,7 +61,7 @@ from shared.corpus import (
 )
 from shared.data import data_dir
 from shared.distributed import distributed_session, print_main
-from shared.model import GPT_CONFIGS, GPTModel, count_parameters
+from shared.model import GPT_CONFIGS, GPTModel, count_parameters, set_dropout
 from shared.train import TrainHistory, WarmupCosine, autocast, calc_loss_batch, make_optimizer
 from shared.utils import get_device
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2, save_hf_gpt2
@@ -196,13 +196,7 @@ def build_model(args) -> GPTModel:
     if args.context_length > limit:
         raise RunError(f"--context-length {args.context_length} exceeds the model's {limit} positions.")
     # Dropout is a training choice, not part of the weights: set it on every layer that has it.
-    model.cfg["drop_rate"] = args.dropout
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = args.dropout
-        elif hasattr(module, "dropout") and isinstance(module.dropout, float):
-            module.dropout = args.dropout  # attention's dropout is a probability given to SDPA
-    return model.train()
+    return set_dropout(model, args.dropout).train()
 
 
 def autocast_for(device: torch.device, dtype: str):

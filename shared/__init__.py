@@ -10,7 +10,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.bpe`` (ch02): BPETokenizer, bytes_to_unicode, GPT2_SPLIT_PATTERN
 - ``shared.dataloader`` (ch02): GPTDataset, create_dataloader
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
-- ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters
+- ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters, set_dropout
 - ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
 - ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, autocast, lr_at, WarmupCosine

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.model import GPTModel
+from shared.model import GPTModel, set_dropout
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
@@ -565,17 +565,6 @@ SMALL_CONFIG = {
 }
 
 
-def disable_dropout(model: GPTModel) -> GPTModel:
-    """Set every dropout rate to 0 (the book finetunes with ``drop_rate`` 0.0); returns the model."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "dropout") and isinstance(module.dropout, float):  # attention's rate
-            module.dropout = 0.0
-    model.cfg["drop_rate"] = 0.0
-    return model
-
-
 def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_config: dict | None = None):
     """(model, description, is_pretrained): OpenAI's GPT-2 when asked for and obtainable, else a small random GPT.
 
@@ -591,7 +580,7 @@ def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_
     reason = "quick mode"
     if pretrained:
         try:
-            model = disable_dropout(load_hf_gpt2(download_gpt2(size, progress=False)))
+            model = set_dropout(load_hf_gpt2(download_gpt2(size, progress=False)), 0.0)
             return model, f"pretrained {size} (OpenAI's weights)", True
         except (DownloadError, OSError) as error:
             reason = f"{size} weights unavailable ({type(error).__name__})"

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
+from shared.model import set_dropout
 
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
@@ -218,20 +219,6 @@ SMALL_MODEL_CONFIG = {
     "qkv_bias": True,
     "tie_weights": True,
 }
-
-
-def set_dropout(model: torch.nn.Module, rate: float) -> torch.nn.Module:
-    """Set every dropout rate in ``model`` (the book finetunes GPT-2 with dropout 0)."""
-    from shared.attention import MultiHeadAttention
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        elif isinstance(module, MultiHeadAttention):
-            module.dropout = rate
-    if isinstance(getattr(model, "cfg", None), dict):
-        model.cfg["drop_rate"] = rate
-    return model
 
 
 class BaseModel(NamedTuple):

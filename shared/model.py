@@ -304,6 +304,25 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
+def set_dropout(model: nn.Module, rate: float) -> nn.Module:
+    """Set every dropout rate in ``model`` to ``rate`` and return the model.
+
+    Dropout layers hold their probability in ``.p``; attention hands its rate to
+    ``scaled_dot_product_attention`` and keeps it in ``.dropout``; the config records it too, so a
+    checkpoint or an exported model says what was used. The book finetunes (ch06, ch07) with 0.
+    """
+    if not _is_real(rate) or not 0 <= rate < 1:
+        raise ValueError(f"a dropout rate is a number in [0, 1), got {rate!r}.")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = rate
+    if isinstance(getattr(model, "cfg", None), dict):
+        model.cfg["drop_rate"] = rate
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (a tied matrix counts once)."""
     return sum(p.numel() for p in model.parameters())

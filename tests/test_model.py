@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shared.model import GPT_CONFIGS, GPTModel, build_on_meta, count_parameters
+from shared.model import GPT_CONFIGS, GPTModel, build_on_meta, count_parameters, set_dropout
 
 # Odd sizes on purpose: nothing is a power of two, emb_dim divides by the heads.
 TINY = {
@@ -231,3 +231,20 @@ def test_pytorch_init_keeps_a_tied_head_on_the_embedding_matrix():
 def test_unknown_init_scheme_is_refused():
     with pytest.raises(ValueError, match="gpt2"):
         tiny_model().reset_parameters("xavier")
+
+
+def test_set_dropout_reaches_every_layer_and_the_config():
+    model = tiny_model(drop_rate=0.3)
+    assert set_dropout(model, 0.0) is model
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
+    assert model.cfg["drop_rate"] == 0.0
+    model.train()  # with every rate at 0, training mode is deterministic
+    idx = torch.randint(0, TINY["vocab_size"], (2, 8))
+    assert torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, "0.1", True])
+def test_set_dropout_refuses_a_rate_outside_zero_to_one(rate):
+    with pytest.raises(ValueError, match="dropout rate"):
+        set_dropout(tiny_model(), rate)
