@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from shared.model import GPTModel
+from shared.model import GPTModel, check_token_ids
 
 
 def generate_text_simple(
@@ -59,6 +59,7 @@ def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_
         )
     _check_sampling(temperature, top_k, top_p)
     vocab_size = model.cfg["vocab_size"]
+    check_token_ids(idx, vocab_size, "prompt token ids")  # once per call, wherever idx lives
     if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < vocab_size):
         raise ValueError(
             f"eos_id must be a token id from 0 to {vocab_size - 1} (the model's vocabulary), got {eos_id!r}; "

@@ -129,19 +129,22 @@ def check_config(cfg: GPTConfig) -> GPTConfig:
     return cfg
 
 
-def check_token_ids(idx: torch.Tensor, vocab_size: int | None, what: str = "token ids") -> None:
+def check_token_ids(
+    idx: torch.Tensor, vocab_size: int | None, what: str = "token ids", *, check_range: bool = True
+) -> None:
     """Raise ValueError unless ``idx`` holds integer ids in ``[0, vocab_size)``.
 
     One min/max over the tensor, not a Python loop: cheap next to a forward pass, and it turns
     an index error deep inside the embedding (on a GPU, a device-side assert that kills the
-    process) into a message that says which id is wrong.
+    process) into a message that says which id is wrong. Reading the min and max back makes the
+    host wait for the tensor's device; ``check_range=False`` checks the dtype only.
     """
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ValueError(
             f"{what} must be integers, got a tensor of dtype {idx.dtype}; token ids come from a "
             "tokenizer, and converting floats would silently round them."
         )
-    if idx.numel() == 0:
+    if idx.numel() == 0 or not check_range:
         return
     low, high = torch.aminmax(idx)
     low, high = int(low), int(high)
@@ -277,7 +280,11 @@ class GPTModel(nn.Module):
                 f"expected token ids of shape (batch, tokens), got {tuple(idx.shape)}; "
                 "add a batch dimension with idx.unsqueeze(0) for a single sequence."
             )
-        check_token_ids(idx, self.cfg["vocab_size"])
+        # The range check reads the ids' min and max back to the host: free on a CPU, but on an
+        # accelerator every forward pass would wait for the device, and training could no longer
+        # queue the next step's work ahead. There the ids are checked before they get to the
+        # device: by the datasets (shared.dataloader) and once per prompt by shared.generate.
+        check_token_ids(idx, self.cfg["vocab_size"], check_range=idx.device.type == "cpu")
         num_tokens = idx.shape[1]
         # With a cache, the new tokens continue where the cached ones stopped.
         start = len(cache[0]) if cache else 0

@@ -306,3 +306,15 @@ def test_beam_search_bad_arguments_raise_value_errors(model, kwargs, message):
     kwargs = {"idx": prompt(1, 3), "max_new_tokens": 2, "beam_width": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         beam_search(model, **kwargs)
+
+
+@pytest.mark.parametrize("search", ["generate", "beam_search"])
+def test_a_prompt_id_outside_the_vocabulary_is_named_before_decoding(model, search):
+    import shared.generate as generation
+
+    bad = torch.tensor([[1, model.cfg["vocab_size"]]])
+    with pytest.raises(ValueError, match="prompt token ids contain"):
+        if search == "generate":
+            generation.generate(model, bad, max_new_tokens=2)
+        else:
+            generation.beam_search(model, bad, max_new_tokens=2, beam_width=2)

@@ -248,3 +248,11 @@ def test_set_dropout_reaches_every_layer_and_the_config():
 def test_set_dropout_refuses_a_rate_outside_zero_to_one(rate):
     with pytest.raises(ValueError, match="dropout rate"):
         set_dropout(tiny_model(), rate)
+
+
+def test_range_check_can_be_skipped_but_the_dtype_check_cannot():
+    from shared.model import check_token_ids
+
+    check_token_ids(torch.tensor([[999]]), 10, check_range=False)  # what forward does off the CPU
+    with pytest.raises(ValueError, match="integers"):
+        check_token_ids(torch.tensor([[1.0]]), 10, check_range=False)
