@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
+from shared.classification import SMALL_CONFIG
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
 from shared.model import set_dropout
@@ -207,18 +208,10 @@ def collate_fn(
 # The model to finetune
 # ---------------------------------------------------------------------------------------
 
-# A stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode: GPT-2's
-# vocabulary and layout, but tiny, randomly initialised, and so knowing no English at all.
-SMALL_MODEL_CONFIG = {
-    "vocab_size": 50257,
-    "context_length": 256,
-    "emb_dim": 64,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-    "tie_weights": True,
-}
+# A stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode: ch06's tiny
+# random GPT (GPT-2's vocabulary and layout, knowing no English at all), with the head tied to
+# the token embedding as in GPT-2.
+SMALL_MODEL_CONFIG = {**SMALL_CONFIG, "tie_weights": True}
 
 
 class BaseModel(NamedTuple):

@@ -6,6 +6,7 @@ The book's appendix D code (``llms_from_scratch.appendix_d.train_model``) is the
 
 import pytest
 import torch
+from tiny_gpt import TINY_TRAINING as TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.model import GPTModel
@@ -13,15 +14,6 @@ from shared.train import WarmupCosine, lr_at, train_model
 
 appendix_d = pytest.importorskip("llms_from_scratch.appendix_d")
 
-TINY = {
-    "vocab_size": 64,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.1,
-    "qkv_bias": False,
-}
 PEAK_LR, INITIAL_LR, MIN_LR = 1e-2, 1e-4, 1e-4
 NUM_EPOCHS, WARMUP_STEPS = 3, 4
 

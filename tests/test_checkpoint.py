@@ -2,21 +2,15 @@
 
 import pytest
 import torch
+from tiny_gpt import TINY_TRAINING
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.checkpoint import CheckpointError, load_checkpoint, resume, save_checkpoint
 from shared.model import GPTModel
 from shared.train import WarmupCosine, make_optimizer, train_model
 
-TINY = {
-    "vocab_size": 64,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.1,  # dropout on: resuming must also restore the random state
-    "qkv_bias": True,
-}
+# Dropout on (resuming must also restore the random state), and qkv biases for one more tensor kind.
+TINY = {**TINY_TRAINING, "qkv_bias": True}
 EPOCHS, BATCHES = 3, 5  # 15 optimizer steps
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_gpt import TINY_TRAINING as TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.data import load_the_verdict
@@ -22,16 +23,6 @@ from shared.train import (
     train_model,
 )
 
-TINY = {
-    "vocab_size": 64,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.1,
-    "qkv_bias": False,
-}
-
 
 def _random_loader(n=12, batch_size=2, seed=0, shuffle=True):
     generator = torch.Generator().manual_seed(seed)
@@ -42,6 +33,14 @@ def _random_loader(n=12, batch_size=2, seed=0, shuffle=True):
 def _model(seed=0, **overrides):
     torch.manual_seed(seed)
     return GPTModel({**TINY, **overrides})
+
+
+def _fit(model, optimizer, num_epochs, eval_freq, loader=None, **options):
+    """``train_model`` on tiny random data (one loader for training and validation), quietly."""
+    loader = loader if loader is not None else _random_loader()
+    return train_model(
+        model, loader, loader, optimizer, "cpu", num_epochs, eval_freq, eval_iter=1, progress=False, **options
+    )
 
 
 def test_calc_loss_batch_is_cross_entropy_over_every_position():
@@ -123,18 +122,7 @@ def test_train_model_matches_a_hand_written_loop():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         torch.manual_seed(7)
         if use_shared:
-            history = train_model(
-                model,
-                loader,
-                loader,
-                optimizer,
-                "cpu",
-                num_epochs=2,
-                eval_freq=2,
-                eval_iter=1,
-                progress=False,
-            )
-            return history.train_losses, model
+            return _fit(model, optimizer, 2, 2, loader).train_losses, model
         losses, step = [], -1
         for _ in range(2):
             model.train()
@@ -159,18 +147,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = _model(seed=5, drop_rate=0.0)
         loader = _random_loader(n=8, batch_size=batch_size, shuffle=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        train_model(
-            model,
-            loader,
-            loader,
-            optimizer,
-            "cpu",
-            num_epochs=1,
-            eval_freq=100,
-            eval_iter=1,
-            grad_accum_steps=accum,
-            progress=False,
-        )
+        _fit(model, optimizer, 1, 100, loader, grad_accum_steps=accum)
         return model
 
     big, small = run(4, 1), run(2, 2)
@@ -181,18 +158,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_epoch_end_metrics_are_recorded_per_epoch():
     model = _model()
     optimizer = make_optimizer(model, 1e-3, 0.1)
-    history = train_model(
-        model,
-        _random_loader(),
-        _random_loader(),
-        optimizer,
-        "cpu",
-        num_epochs=2,
-        eval_freq=3,
-        eval_iter=1,
-        epoch_end=lambda epoch, m: {"epoch": epoch},
-        progress=False,
-    )
+    history = _fit(model, optimizer, 2, 3, epoch_end=lambda epoch, m: {"epoch": epoch})
     assert history.epoch_metrics == [{"epoch": 1}, {"epoch": 2}]
     assert history.epoch == 2 and history.global_step == 12
 
@@ -248,18 +214,7 @@ def test_schedule_sets_the_learning_rate_of_every_step():
     model = _model()
     optimizer = make_optimizer(model, lr=123.0, weight_decay=0.1)
     schedule = WarmupCosine(optimizer, **{**SCHEDULE, "total_steps": 12, "warmup_steps": 3})
-    history = train_model(
-        model,
-        _random_loader(),
-        _random_loader(),
-        optimizer,
-        "cpu",
-        num_epochs=2,
-        eval_freq=100,
-        eval_iter=1,
-        lr_schedule=schedule,
-        progress=False,
-    )
+    history = _fit(model, optimizer, 2, 100, lr_schedule=schedule)
     assert history.lrs == pytest.approx([schedule.lr(step) for step in range(12)])
 
 
@@ -279,19 +234,7 @@ def test_clipping_bounds_the_global_norm_and_huge_max_norm_changes_nothing():
 def test_train_model_clips_from_the_step_it_says():
     model = _model(seed=2)
     optimizer = make_optimizer(model, 1e-3, 0.1)
-    history = train_model(
-        model,
-        _random_loader(),
-        _random_loader(),
-        optimizer,
-        "cpu",
-        num_epochs=1,
-        eval_freq=2,
-        eval_iter=1,
-        grad_clip=1e-3,
-        clip_from_step=3,
-        progress=False,
-    )
+    history = _fit(model, optimizer, 1, 2, grad_clip=1e-3, clip_from_step=3)
     assert history.clipped == [False, False, False, True, True, True]
     assert len(history.grad_norms) == 6 and all(n > 1e-3 for n in history.grad_norms)
 
@@ -329,5 +272,4 @@ def test_autocast_refuses_float16_and_other_dtypes(dtype):
     with pytest.raises(ValueError, match="bfloat16"):
         autocast("cpu", dtype)
     with pytest.raises(ValueError, match="bfloat16"):
-        train_model(_model(), _random_loader(), _random_loader(), make_optimizer(_model(), 1e-3, 0.0),
-                    "cpu", 1, 1, 1, progress=False, autocast_dtype=dtype)  # fmt: skip
+        _fit(_model(), make_optimizer(_model(), 1e-3, 0.0), 1, 1, autocast_dtype=dtype)
