@@ -55,11 +55,11 @@ def calc_loss_batch(input_batch, target_batch, model: nn.Module, device) -> torc
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 
-def _empty_loader_message(data_loader) -> str:
-    dataset = getattr(data_loader, "dataset", None)
+def _empty_loader_message(loader) -> str:
+    dataset = getattr(loader, "dataset", None)
     size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else "unknown"
-    batch_size = getattr(data_loader, "batch_size", None)
-    drop_last = getattr(data_loader, "drop_last", None)
+    batch_size = getattr(loader, "batch_size", None)
+    drop_last = getattr(loader, "drop_last", None)
     return (
         f"the data loader gave no batch (dataset size {size}, batch_size {batch_size}, "
         f"drop_last={drop_last}). Likely causes: the text is shorter than the context length plus one "
@@ -70,25 +70,25 @@ def _empty_loader_message(data_loader) -> str:
 
 
 def calc_loss_loader(
-    data_loader: Iterable,
+    loader: Iterable,
     model: nn.Module,
     device,
     num_batches: int | None = None,
     loss_fn: LossFn = calc_loss_batch,
 ) -> float:
-    """Mean loss over the first ``num_batches`` batches of ``data_loader`` (all of them when None).
+    """Mean loss over the first ``num_batches`` batches of ``loader`` (all of them when None).
 
     Raises :class:`EmptyLoaderError` when the loader yields nothing, instead of returning nan.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1 or None, got {num_batches}.")
     total, count = None, 0
-    for input_batch, target_batch in islice(data_loader, num_batches):
+    for input_batch, target_batch in islice(loader, num_batches):
         loss = loss_fn(input_batch, target_batch, model, device).detach()
         total = loss if total is None else total + loss  # stays on the device: one sync at the end
         count += 1
     if count == 0:
-        raise EmptyLoaderError(_empty_loader_message(data_loader))
+        raise EmptyLoaderError(_empty_loader_message(loader))
     return (total / count).item()
 
 

@@ -273,3 +273,11 @@ def test_autocast_refuses_float16_and_other_dtypes(dtype):
         autocast("cpu", dtype)
     with pytest.raises(ValueError, match="bfloat16"):
         _fit(_model(), make_optimizer(_model(), 1e-3, 0.0), 1, 1, autocast_dtype=dtype)
+
+
+def test_calc_loss_loader_takes_the_public_keyword_names():
+    model = _model(drop_rate=0.0).eval()
+    loader = _random_loader(shuffle=False)
+    with torch.no_grad():
+        by_keyword = calc_loss_loader(loader=loader, model=model, device="cpu", num_batches=2)
+        assert by_keyword == calc_loss_loader(loader, model, "cpu", 2)
