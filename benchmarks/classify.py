@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -44,7 +43,7 @@ from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import make_optimizer, train_model
-from shared.utils import by_mode, is_quick
+from shared.utils import by_mode, is_quick, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,10 +268,7 @@ def main(argv=None):
             )
             # Written after every round, so a long run that is stopped still leaves its results.
             result = summarise(rounds, meta)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            cls._write_atomic(
-                args.out, lambda tmp, r=result: Path(tmp).write_text(json.dumps(r, indent=2) + "\n")
-            )
+            write_json(args.out, result)
     print_table(result)
     print(f"\nwrote {args.out}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from shared.utils import get_device, is_quick
+from shared.utils import get_device, is_quick, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEER_PACKAGES = ("torch", "tiktoken", "transformers", "regex", "llms-from-scratch")
@@ -134,10 +133,6 @@ def summary(samples: list[float]) -> dict:
 
 def write_report(path: Path, benchmark: str, record: dict, results: dict) -> Path:
     """Write ``{"benchmark", "environment", **results}`` as JSON to ``path`` (atomically)."""
-    report = {"benchmark": benchmark, "environment": record, **results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
+    write_json(path, {"benchmark": benchmark, "environment": record, **results})
     print(f"\nwrote {path}")
     return path

@@ -13,15 +13,13 @@ settings) goes to ``ch06/results/`` unless ``--out-dir`` says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 import torch
 from finetune_classifier import finetune, parse_args
 
-from shared.classification import _write_atomic
-from shared.utils import is_quick
+from shared.utils import atomic_path, is_quick, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,10 +98,9 @@ def main(argv=None) -> list[dict]:
 
     stem = "experiments-quick" if quick else "experiments"
     payload = {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    _write_atomic(
-        args.out_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n")
-    )
-    _write_atomic(args.out_dir / f"{stem}.md", lambda tmp: Path(tmp).write_text(table))
+    write_json(args.out_dir / f"{stem}.json", payload)
+    with atomic_path(args.out_dir / f"{stem}.md") as tmp:
+        tmp.write_text(table)
     print(f"wrote {args.out_dir / stem}.md and .json")
     return rows
 

@@ -13,7 +13,6 @@ trained on all layers, stands in, and the report says so.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from shared import classification as cls
 from shared.data import data_dir
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import make_optimizer, train_model
-from shared.utils import get_device, is_quick, set_seed
+from shared.utils import get_device, is_quick, set_seed, write_json
 
 PADDINGS = ("dynamic", "longest", "context")
 
@@ -189,10 +188,7 @@ def main(argv=None) -> dict:
     if not args.no_save:
         cls.save_classifier(model, out_dir)
         report["saved_to"] = str(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cls._write_atomic(
-        out_dir / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-    )
+    write_json(out_dir / "report.json", report)
     print(f"report: {out_dir / 'report.json'}")
     texts = [
         "You are a winner! Reply WIN to claim your free prize now.",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from shared.instruction import (
     rouge_l,
     score_responses,
 )
+from shared.utils import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,9 +117,7 @@ def main(argv=None) -> int:
                 row.update(judge_score=score, judge_reply=reply, judge_error=error)
 
     out = args.out or args.responses.with_name(args.responses.stem + "-report.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_json(out, report)
     print(f"wrote {out}")
     return status
 

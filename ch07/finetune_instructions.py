@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import time
 from pathlib import Path
 
@@ -47,7 +45,7 @@ from shared.instruction import (
 from shared.model import GPT_CONFIGS
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import calc_loss_loader, make_optimizer, train_model
-from shared.utils import get_device, is_quick, set_seed
+from shared.utils import get_device, is_quick, set_seed, write_json
 from shared.weights import save_hf_gpt2
 
 HERE = Path(__file__).resolve().parent
@@ -97,14 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
-
-
-def write_json(path: Path, data) -> None:
-    """Write to a temporary name, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

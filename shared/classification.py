@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared.model import GPTModel, set_dropout
+from shared.utils import atomic_path, write_json
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
@@ -101,19 +101,6 @@ def label_ids(labels) -> list[int]:
     return ids
 
 
-def _write_atomic(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    return path
-
-
 def prepare_spam_splits(folder: str | os.PathLike | None = None, seed: int = 123) -> dict[str, Path]:
     """Balance the SMS Spam Collection (747 ham, 747 spam), split it 70/10/20 and save three CSVs.
 
@@ -127,7 +114,9 @@ def prepare_spam_splits(folder: str | os.PathLike | None = None, seed: int = 123
     balanced = balanced.assign(Label=label_ids(balanced["Label"]))
     paths = {}
     for name, split in zip(SPLIT_NAMES, random_split(balanced, 0.7, 0.1, seed=seed), strict=True):
-        paths[name] = _write_atomic(folder / f"{name}.csv", lambda tmp, s=split: s.to_csv(tmp, index=False))
+        paths[name] = folder / f"{name}.csv"
+        with atomic_path(paths[name]) as tmp:
+            split.to_csv(tmp, index=False)
     return paths
 
 
@@ -508,12 +497,9 @@ def save_classifier(model: GPTModel, folder: str | os.PathLike) -> Path:
     settings = classifier_settings(model)
     config = {"gpt_config": model.cfg, "classification": settings}
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomic(
-        folder / CLASSIFIER_WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
-    )
-    _write_atomic(
-        folder / CLASSIFIER_CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
-    )
+    with atomic_path(folder / CLASSIFIER_WEIGHTS_FILE) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_json(folder / CLASSIFIER_CONFIG_FILE, config)
     return folder
 
 
