@@ -16,20 +16,17 @@ prompt per line until end of input.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
 
-from shared.checkpoint import CheckpointError, read_checkpoint
+from shared.checkpoint import CheckpointError, read_checkpoint, step_checkpoints
 from shared.generate import beam_search, generate
 from shared.model import GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.utils import get_device
 from shared.weights import CONFIG_FILE, WEIGHTS_FILE, load_hf_gpt2
-
-_STEP_FILE = re.compile(r"^step_\d+\.pt$")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPTModel:
@@ -38,7 +35,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPTModel
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return load_hf_gpt2(path).to(device).eval()
     if path.is_dir():
-        candidates = sorted(p for p in path.iterdir() if _STEP_FILE.match(p.name))
+        candidates = step_checkpoints(path)
         if not candidates:
             raise FileNotFoundError(
                 f"{path} holds neither {CONFIG_FILE} + {WEIGHTS_FILE} nor step_<N>.pt checkpoints."

@@ -35,7 +35,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import sys
@@ -49,7 +48,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from shared.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+)
 from shared.corpus import (
     CorpusError,
     PreparedCorpus,
@@ -84,7 +89,6 @@ PRESETS = {
 for _cfg in PRESETS.values():
     _cfg["tie_weights"] = True
 
-CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.pt$")
 # Arguments that change what a run computes: a checkpoint from a run with other values is refused.
 RUN_IDENTITY = (
     "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "decay", "max_steps", "weight_decay",
@@ -214,13 +218,6 @@ def autocast_for(device: torch.device, dtype: str):
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    """``step_<N>.pt`` files in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.iterdir() if CHECKPOINT_NAME.match(path.name))
-
-
 def run_identity(args, model: GPTModel, corpus: PreparedCorpus, world_size: int) -> dict:
     """What a checkpoint must agree on to be resumed by this run."""
     identity = {name: getattr(args, name) for name in RUN_IDENTITY}
@@ -246,7 +243,7 @@ def choose_checkpoint(folder: Path, identity: dict) -> Path | None:
     An unreadable file (truncated, corrupt) is skipped with a warning; a readable one from a
     different run (other config, corpus or hyper-parameters) is refused.
     """
-    for path in reversed(checkpoint_files(folder)):
+    for path in reversed(step_checkpoints(folder)):
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:
@@ -264,7 +261,7 @@ def choose_checkpoint(folder: Path, identity: dict) -> Path | None:
                 "or another --checkpoint-dir for a new run."
             )
         return path
-    if checkpoint_files(folder):
+    if step_checkpoints(folder):
         raise RunError(f"no checkpoint in {folder} is readable; remove them or start without --resume.")
     return None
 
@@ -273,7 +270,7 @@ def save_rotating(folder: Path, keep: int, model, optimizer, history, schedule, 
     """Write ``step_<N>.pt`` atomically, then delete all but the newest ``keep``."""
     path = folder / f"step_{history.global_step:08d}.pt"
     save_checkpoint(path, model, optimizer, history=history, lr_schedule=schedule, extra={"run": identity})
-    for old in checkpoint_files(folder)[:-keep]:
+    for old in step_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 

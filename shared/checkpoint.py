@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 from shared.utils import atomic_path
 
 FORMAT = "llms-checkpoint/1"
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -196,3 +198,15 @@ def resume(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr_sched
     if not Path(path).exists():
         return None
     return load_checkpoint(path, model, optimizer, lr_schedule=lr_schedule, map_location=map_location)["history"]
+
+
+def step_checkpoints(folder) -> list[Path]:
+    """The ``step_<N>.pt`` files in ``folder``, lowest step first ([] when the folder is missing).
+
+    Sorted by the number, not the name, so that ``step_20.pt`` comes before ``step_100.pt``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in folder.iterdir() if (match := STEP_FILE.match(path.name))]
+    return [path for _, path in sorted(found)]

@@ -5,7 +5,7 @@ import torch
 from tiny_gpt import TINY_TRAINING
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.checkpoint import CheckpointError, load_checkpoint, resume, save_checkpoint
+from shared.checkpoint import CheckpointError, load_checkpoint, resume, save_checkpoint, step_checkpoints
 from shared.model import GPTModel
 from shared.train import WarmupCosine, make_optimizer, train_model
 
@@ -181,3 +181,10 @@ def test_resume_refuses_a_broken_checkpoint_instead_of_starting_over(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         resume(path, model, optimizer)
+
+
+def test_step_checkpoints_sorts_by_step_number_and_ignores_other_files(tmp_path):
+    for name in ("step_100.pt", "step_20.pt", "step_00000003.pt", "notes.txt", "step_x.pt", ".step_5.pt.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step_00000003.pt", "step_20.pt", "step_100.pt"]
+    assert step_checkpoints(tmp_path / "missing") == []

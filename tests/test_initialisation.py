@@ -23,7 +23,7 @@ def test_initialisation_script_reports_every_scheme_and_seed(tmp_path):
     assert set(runs) == {(s, seed) for s in ("gpt2", "pytorch", "gpt2_embeddings_n01") for seed in (1, 2)}
     for run in runs.values():
         assert len(run["train_loss_per_epoch"]) == 1 and run["eval_steps"][0] == 0
-        assert run["final_train_loss"] == run["train_losses"][-1] < run["train_losses"][0]
+        assert run["train_losses"][-1] < run["train_losses"][0]  # every scheme learns something
     # The same seed gives the same data order, so only the initial weights differ between schemes.
     assert runs[("gpt2", 1)]["train_losses"][0] != runs[("pytorch", 1)]["train_losses"][0]
     assert "| pytorch | 2 |" in result.stdout

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared import distributed
+from shared.checkpoint import step_checkpoints
 from shared.data import load_the_verdict
 from shared.model import GPTModel
 from shared.weights import load_hf_gpt2, save_hf_gpt2
@@ -104,7 +105,7 @@ def test_run_writes_model_loss_log_plot_and_keeps_the_last_checkpoints(uninterru
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) < 11  # it learns
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 2 * 16 and summary["peak_rss_mb"] > 0
-    assert [p.name for p in pretrain.checkpoint_files(base / "ckpt")] == [
+    assert [p.name for p in step_checkpoints(base / "ckpt")] == [
         "step_00000020.pt", "step_00000040.pt", "step_00000060.pt"
     ]  # fmt: skip
 
@@ -299,8 +300,9 @@ def test_generate_interactive_answers_each_line(uninterrupted, capsys, monkeypat
     texts = generate_script.main(["--model", str(uninterrupted[0] / "out"), "--interactive", "--beams", "2",
                                   "--max-new-tokens", "4"])  # fmt: skip
     assert len(texts) == 2
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("I had") and out[-1].startswith("The picture") or "The picture" in "".join(out)
+    out = capsys.readouterr().out
+    # Each answer is printed as the prompt followed by its continuation; the empty line is skipped.
+    assert "I had" + texts[0] in out and "The picture" + texts[1] in out
 
 
 def test_generate_reports_a_missing_model_clearly(tmp_path, capsys):
