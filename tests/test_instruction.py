@@ -1,6 +1,7 @@
 """shared.instruction: prompt formats, collate, batched generation, metrics, judges and the score parser."""
 
 import json
+import math
 import socket
 import threading
 import time
@@ -299,7 +300,23 @@ def test_response_perplexity_counts_only_response_tokens(gpt2_tokenizer):
     ppl = response_perplexity(model, dataset, batch_size=1)
     # Token-weighted: the same value whatever the batch size.
     assert ppl == pytest.approx(response_perplexity(model, dataset, batch_size=2), rel=1e-5)
-    assert 1 < ppl < 5 * 50257  # a random model is near uniform over the vocabulary
+
+    # By hand, one unpadded example at a time: the log-probability of every token from the
+    # first response token to the end-of-text token that follows the response.
+    end_of_text = gpt2_tokenizer.encode("<|endoftext|>", allowed_special={"<|endoftext|>"})[0]
+    response_nll, all_nll, response_count, all_count = 0.0, 0.0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for example in dataset:
+            ids = torch.tensor(list(example.token_ids) + [end_of_text])
+            log_probs = torch.log_softmax(model(ids[None, :-1])[0], dim=-1)
+            nll = -log_probs.gather(1, ids[1:, None])[:, 0]  # nll[t] scores token t + 1
+            response_nll += nll[example.prompt_length - 1 :].sum().item()
+            response_count += len(ids) - example.prompt_length
+            all_nll += nll.sum().item()
+            all_count += len(nll)
+    assert ppl == pytest.approx(math.exp(response_nll / response_count), rel=1e-4)
+    assert ppl != pytest.approx(math.exp(all_nll / all_count), rel=1e-4)  # the prompt really is left out
 
 
 # ---------------------------------------------------------------------------------------
