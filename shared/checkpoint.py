@@ -22,20 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.distributed import unwrap
 from shared.utils import atomic_path
+from shared.weights import CheckpointError
 
 FORMAT = "llms-checkpoint/1"
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read, or it does not fit the model it is loaded into."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel and torch.compile wrap the model; the weights belong to the inner one.
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def rng_states() -> dict:
@@ -91,7 +83,7 @@ def save_checkpoint(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
+    model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
         "config": dict(model.cfg) if hasattr(model, "cfg") else None,
@@ -128,7 +120,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 
 def check_config(checkpoint: dict, model: nn.Module, path="checkpoint") -> None:
     """Refuse a checkpoint made for a model with a different config."""
-    saved, current = checkpoint.get("config"), getattr(_unwrap(model), "cfg", None)
+    saved, current = checkpoint.get("config"), getattr(unwrap(model), "cfg", None)
     if saved is None or current is None or dict(saved) == dict(current):
         return
     differences = {
@@ -162,7 +154,7 @@ def load_checkpoint(
     if model is not None:
         check_config(checkpoint, model, path)
         try:
-            _unwrap(model).load_state_dict(checkpoint["model"])
+            unwrap(model).load_state_dict(checkpoint["model"])
         except RuntimeError as error:
             raise CheckpointError(f"the weights in {path} do not fit the model: {error}") from error
     if optimizer is not None:

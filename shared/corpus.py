@@ -43,7 +43,6 @@ FORMAT = "llms-corpus/1"
 TOKENS_FILE = "tokens.bin"
 META_FILE = "corpus.json"
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits: half the disk and page cache of int32
-END_OF_TEXT = "<|endoftext|>"
 BLOCK_BYTES = 1 << 20  # text read and tokenised at a time
 
 # Where a text may be cut into blocks without changing its tokens: at a single space or newline

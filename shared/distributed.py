@@ -171,12 +171,15 @@ def mean_across_processes(value: float | torch.Tensor, device: torch.device | No
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself).
+    """The model inside a ``DistributedDataParallel`` and/or ``torch.compile`` wrapper (or the model itself).
 
-    Save and evaluate the inner model: its ``state_dict`` keys have no ``module.`` prefix, and
-    calling it does not trigger the wrapper's cross-process synchronisation.
+    Save and evaluate the inner model: its ``state_dict`` keys have no ``module.`` or
+    ``_orig_mod.`` prefix, and calling it does not trigger the wrapper's cross-process
+    synchronisation.
     """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # what torch.compile wraps
 
 
 def _stop_process_tree(process: subprocess.Popen) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shared import data
 from shared.download import DownloadError, sha256_of
+from shared.utils import atomic_path
 
 
 class TokenizerFilesError(RuntimeError):
@@ -45,10 +46,8 @@ def _fill_tiktoken_cache(cache_dir: Path) -> bool:
             continue
         source = _fetch_gpt2_file(name)
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_name(f".{cached.name}.part")
-            shutil.copyfile(source, partial)
-            os.replace(partial, cached)
+            with atomic_path(cached) as tmp:
+                shutil.copyfile(source, tmp)
         except OSError:
             return False
     return True

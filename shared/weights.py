@@ -75,7 +75,10 @@ _ACTIVATIONS = {"gelu_new", "gelu_pytorch_tanh"}  # both are the tanh approximat
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: wrong shapes, missing or unexpected tensors."""
+    """A weights file or training checkpoint cannot be read, or does not fit the model it is loaded into.
+
+    One class for both (``shared.checkpoint`` raises it too), so one ``except`` catches either.
+    """
 
 
 class ShapeMismatchError(CheckpointError):

@@ -66,6 +66,11 @@ def test_helpers_work_outside_a_process_group():
     assert distributed.unwrap(model) is model
 
 
+def test_unwrap_reaches_the_model_inside_torch_compile():
+    model = torch.nn.Linear(2, 2)
+    assert distributed.unwrap(torch.compile(model)) is model  # compiling is lazy: nothing is built here
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
