@@ -53,7 +53,7 @@ from shared.dataloader import create_dataloader
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import autocast, calc_loss_batch, make_optimizer, train_model
-from shared.utils import by_mode, is_quick
+from shared.utils import by_mode, get_device, is_quick
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -354,7 +354,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
     args = parser.parse_args(argv)
-    out_path, device = args.out, torch.device(args.device)
+    out_path, device = args.out, get_device(args.device)
     try:
         import llms_from_scratch.ch05  # noqa: F401
     except ImportError:

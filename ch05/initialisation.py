@@ -44,11 +44,10 @@ CFG = by_mode(
 SCHEMES = ("gpt2", "pytorch", "gpt2_embeddings_n01")
 
 
-def make_loaders(seed: int):
+def make_loaders():
     text = load_the_verdict()
     split = int(0.9 * len(text))
     context = CFG["context_length"]
-    torch.manual_seed(seed)
     train_loader = create_dataloader(
         text[:split], batch_size=2, max_length=context, stride=context, shuffle=True, drop_last=True
     )
@@ -71,7 +70,7 @@ def initialised_model(scheme: str, seed: int) -> GPTModel:
 
 def run(scheme: str, seed: int, epochs: int, device) -> dict:
     model = initialised_model(scheme, seed).to(device)
-    train_loader, val_loader = make_loaders(seed)
+    train_loader, val_loader = make_loaders()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     started = time.perf_counter()
@@ -109,7 +108,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    device = torch.device(args.device) if args.device else get_device()
+    device = get_device(args.device)  # None: the best available; a name is checked against this machine
 
     runs = []
     print("| initialisation | seed | train loss at each epoch's last evaluation | final train | final val | min val |")

@@ -73,6 +73,7 @@ def main(argv=None) -> list[dict]:
                 "trainable_parameters": report["trainable_parameters"],
                 "train_seconds": report["train_seconds"],
                 "model": report["model"],
+                "device": report["device"],
                 "settings": report["settings"],
             }
         )
@@ -80,7 +81,7 @@ def main(argv=None) -> list[dict]:
     first = rows[0]
     settings = first["settings"]
     lines = [
-        f"Model: {first['model']}. Device: {torch.device('cpu') if not torch.cuda.is_available() else 'cuda'}, "
+        f"Model: {first['model']}. Device: {first['device']}, "
         f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}.",
         f"Shared settings: {settings['epochs']} epochs, lr {settings['lr']}, weight decay {settings['weight_decay']}, "
         f"batch {settings['batch_size']}, seed {settings['seed']}, balanced SMS split (1,045 / 149 / 300).",

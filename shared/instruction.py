@@ -277,8 +277,6 @@ def generate_batch_ids(
     eos_id: int | None = END_OF_TEXT_ID,
     temperature: float = 0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
-    pad_id: int = 0,
 ) -> list[list[int]]:
     """New token ids for each prompt in one batch (end-of-text and anything after it dropped).
 
@@ -289,7 +287,6 @@ def generate_batch_ids(
     only the newest token of every row. A row that produced ``eos_id`` is finished (it keeps
     being fed ``eos_id`` so the batch stays rectangular); the loop ends when all rows are
     finished, after ``max_new_tokens`` steps, or when the padded batch fills the context window.
-    The padding id ``pad_id`` never reaches the result: the mask hides it.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
@@ -307,7 +304,7 @@ def generate_batch_ids(
                 "needs room for at least one new token; shorten the prompt or use a model with a longer context."
             )
     width = max(lengths)
-    idx = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    idx = torch.zeros((len(lengths), width), dtype=torch.long)  # padding: any id, the mask hides it
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
     for row, ids in enumerate(prompt_ids):
         idx[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
@@ -320,7 +317,7 @@ def generate_batch_ids(
     cache = model.new_cache()
     logits = model(idx, cache=cache, attention_mask=mask)
     for step in range(steps):
-        next_id = next_token(logits[:, -1, :], temperature, top_k, top_p)  # (batch, 1)
+        next_id = next_token(logits[:, -1, :], temperature, top_k)  # (batch, 1)
         if eos_id is not None:
             next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
             finished |= next_id.squeeze(1) == eos_id

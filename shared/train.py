@@ -323,8 +323,7 @@ def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -
     was_training = model.training
     model.eval()
     ids = torch.tensor([tokenizer.encode(start_context)], device=device)
-    context = getattr(model, "context_length", None) or ids.shape[1] + max_new_tokens
-    out = generate(model, ids[:, -context:], max_new_tokens=max_new_tokens, context_size=context)
+    out = generate(model, ids, max_new_tokens=max_new_tokens)  # crops to the context window itself
     model.train(was_training)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
 
