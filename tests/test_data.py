@@ -1,7 +1,6 @@
 """The data directory, the course's file table and the dataset loaders."""
 
 import json
-import socket
 import zipfile
 
 import pytest
@@ -16,12 +15,9 @@ def test_data_dir_follows_environment_variable(monkeypatch, tmp_path):
     assert (tmp_path / "data").is_dir()
 
 
-def test_fetch_failure_says_how_to_provide_the_file_by_hand(monkeypatch, tmp_path):
-    with socket.socket() as sock:  # a port where nothing listens: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_fetch_failure_says_how_to_provide_the_file_by_hand(monkeypatch, tmp_path, closed_port_url):
     monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("LLMS_GITHUB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LLMS_GITHUB_BASE_URL", closed_port_url)
     with pytest.raises(DownloadError) as caught:
         data.fetch("the-verdict.txt", retries=1, progress=False)
     message = str(caught.value)

@@ -106,7 +106,7 @@ def test_config_value_of_wrong_type_or_range_raises_naming_the_key(key, value):
         GPTModel({**TINY, key: value})
 
 
-def test_tie_weights_given_as_the_string_false_does_not_tie():
+def test_a_boolean_given_as_a_string_is_refused_with_a_hint_why():
     with pytest.raises(ValueError, match="non-empty string counts as true"):
         GPTModel({**TINY, "tie_weights": "false"})
 
