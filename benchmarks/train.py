@@ -1,6 +1,6 @@
 """Benchmark: the ch05 training run through ``shared.train`` vs the book's reference code, on CPU.
 
-Both sides train GPT-2 small (163M parameters with an untied head, context 256, dropout 0.1, no
+Both sides train GPT-2 small (162M parameters with an untied head at context 256, dropout 0.1, no
 query/key/value bias: the book's ch05 config) on The Verdict (90/10 split, windows of 256 with
 stride 256, batch 2), evaluating every 5 steps on 5 batches and printing a 50-token sample after
 each epoch, exactly as the book's ch05 run does:

@@ -160,3 +160,13 @@ def test_train_benchmark_checks_equal_losses_and_reports_both_loops(tmp_path):
     assert all(rate > 0 for rate in rates.values()) and result["speedup"] > 0
     assert result["speedups"]["ours_bf16"] > 0
     assert result["timing"]["params"]["ours"] == result["timing"]["params"]["book"]
+
+
+def test_profile_step_benchmark_reports_the_matrix_products_share_and_rates(tmp_path):
+    result, stdout = run_benchmark("profile_step", tmp_path)
+    step = result["step"]
+    assert step["step_s"] > 0 and 0 < step["matrix_products_share"] < 1
+    assert step["matrix_products_gflops"] > 0 and "aten::mm" in step["top_ops_share"]
+    assert set(result["matmul"]["gflops"]) == {"float32", "bfloat16"}
+    assert all(rate > 0 for rate in result["matmul"]["gflops"].values())
+    assert "one training step:" in stdout
