@@ -68,7 +68,7 @@ from shared.data import data_dir
 from shared.distributed import distributed_session, print_main
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters, set_dropout
 from shared.train import TrainHistory, WarmupCosine, autocast, calc_loss_batch, make_optimizer
-from shared.utils import get_device
+from shared.utils import eval_mode, get_device
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2, save_hf_gpt2
 
 GPT2_VOCAB = 50257
@@ -310,21 +310,19 @@ def remove_stale_temporaries(folder: Path) -> None:
 @torch.no_grad()
 def evaluate(model, corpus: PreparedCorpus, args, device, autocast) -> tuple[float, float]:
     """Mean loss on fixed, evenly spaced windows of each split (the same windows every time)."""
-    was_training = model.training
-    model.eval()
     losses = []
-    for span in (corpus.train, corpus.val):
-        starts = fixed_windows(span, args.context_length, args.eval_batches * args.batch_size)
-        total = torch.zeros((), device=device)
-        batches = [starts[i : i + args.batch_size] for i in range(0, len(starts), args.batch_size)]
-        for batch_starts in batches:
-            inputs, targets = read_windows(
-                corpus.tokens_path, corpus.num_tokens, batch_starts, args.context_length
-            )
-            with autocast():
-                total += calc_loss_batch(inputs, targets, model, device).float() * len(batch_starts)
-        losses.append((total / len(starts)).item())
-    model.train(was_training)
+    with eval_mode(model):
+        for span in (corpus.train, corpus.val):
+            starts = fixed_windows(span, args.context_length, args.eval_batches * args.batch_size)
+            total = torch.zeros((), device=device)
+            batches = [starts[i : i + args.batch_size] for i in range(0, len(starts), args.batch_size)]
+            for batch_starts in batches:
+                inputs, targets = read_windows(
+                    corpus.tokens_path, corpus.num_tokens, batch_starts, args.context_length
+                )
+                with autocast():
+                    total += calc_loss_batch(inputs, targets, model, device).float() * len(batch_starts)
+            losses.append((total / len(starts)).item())
     return losses[0], losses[1]
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared.model import GPTModel, set_dropout
-from shared.utils import atomic_path, write_json
+from shared.utils import atomic_path, eval_mode, write_json
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
@@ -417,10 +417,8 @@ def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = N
             "the data loader has no batches (an empty split, or drop_last with too few examples)."
         )
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    was_training = model.training
-    model.eval()
     correct, seen = torch.zeros((), device=device), 0
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i, (input_batch, target_batch) in enumerate(data_loader):
             if i >= num_batches:
                 break
@@ -428,7 +426,6 @@ def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = N
             predicted = predict_from_logits(classifier_logits(model, input_batch.to(device)))
             correct += (predicted == target_batch).sum()
             seen += len(target_batch)
-    model.train(was_training)
     return correct.item() / seen
 
 
@@ -477,11 +474,8 @@ def classify_text(text, model, tokenizer, device=None, max_length: int | None = 
     device = device if device is not None else next(model.parameters()).device
     input_ids = pad_batch([encode_text(tokenizer, t)[:limit] for t in texts], settings["pad_token_id"])
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         predicted = predict_from_logits(classifier_logits(model, input_ids.to(device))).tolist()
-    model.train(was_training)
     names = [LABELS[p] for p in predicted]
     return names[0] if single else names
 

@@ -35,6 +35,7 @@ from shared.classification import SMALL_CONFIG
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
 from shared.model import set_dropout
+from shared.utils import eval_mode
 
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
@@ -377,9 +378,7 @@ def generate_responses(
         raise TypeError("prompts must be a list of prompt strings, not one string; wrap it in a list.")
     if device is not None:
         model.to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         encoded = [tokenizer.encode(prompt) for prompt in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -395,8 +394,6 @@ def generate_responses(
             for i, ids in zip(rows, new_ids, strict=True):
                 responses[i] = clean_response(tokenizer.decode(ids))
         return responses
-    finally:
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,10 +462,8 @@ def response_perplexity(
     if len(dataset) == 0:
         raise ValueError("response_perplexity got an empty dataset.")
     device = device or _model_device(model)
-    was_training = model.training
-    model.eval()
     total_loss, total_tokens = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             inputs, targets = collate_fn(
@@ -480,8 +475,6 @@ def response_perplexity(
             )
             total_loss += loss.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     return math.exp(total_loss / total_tokens)
 
 

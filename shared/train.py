@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
+from shared.utils import eval_mode
+
 LossFn = Callable[[object, object, nn.Module, torch.device], torch.Tensor]
 
 
@@ -100,12 +102,9 @@ def evaluate_model(
     Runs under ``torch.inference_mode``, which skips autograd's bookkeeping (version counters,
     view tracking) that ``no_grad`` still does: the same numbers, a little faster.
     """
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, loss_fn=loss_fn)
-    model.train(was_training)
     return train_loss, val_loss
 
 
@@ -320,11 +319,9 @@ def _count(batch) -> tuple[int, int]:
 def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -> str:
     from shared.generate import generate  # imported here: generate imports the model, not train
 
-    was_training = model.training
-    model.eval()
     ids = torch.tensor([tokenizer.encode(start_context)], device=device)
-    out = generate(model, ids, max_new_tokens=max_new_tokens)  # crops to the context window itself
-    model.train(was_training)
+    with eval_mode(model):
+        out = generate(model, ids, max_new_tokens=max_new_tokens)  # crops to the context window itself
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
 
 

@@ -136,6 +136,17 @@ def temp_path_beside(target: str | os.PathLike) -> Path:
 
 
 @contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Dropout off inside the block; afterwards the model is back in the mode it was in, error or not."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Write ``target`` all at once or not at all.
 

@@ -113,3 +113,16 @@ def test_atomic_path_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_switches_dropout_off_and_restores_the_mode_even_after_an_error(training):
+    from shared.utils import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train(training)
+    with eval_mode(model):
+        assert not model.training
+    assert model.training is training
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        raise RuntimeError("boom")
+    assert model.training is training
