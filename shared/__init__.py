@@ -6,7 +6,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path, write_json, eval_mode
 - ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data
-- ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer
+- ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer, encode_text
 - ``shared.bpe`` (ch02): BPETokenizer, bytes_to_unicode, GPT2_SPLIT_PATTERN
 - ``shared.dataloader`` (ch02): GPTDataset, create_dataloader
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared.model import GPTModel, set_dropout
+from shared.tokenizer import encode_text
 from shared.utils import atomic_path, eval_mode, write_json
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
@@ -130,14 +131,6 @@ def read_split(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------
 # Dataset and batches
 # ---------------------------------------------------------------------------------------
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` as plain text: "<|endoftext|>" inside a message is not the special token."""
-    try:
-        return tokenizer.encode(text, disallowed_special=())
-    except TypeError:  # a tokenizer without tiktoken's keyword (e.g. the ch02 BPE) has no specials
-        return tokenizer.encode(text)
 
 
 class SpamDataset(Dataset):

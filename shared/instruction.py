@@ -35,6 +35,7 @@ from shared.classification import SMALL_CONFIG
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
 from shared.model import set_dropout
+from shared.tokenizer import encode_text
 from shared.utils import eval_mode
 
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
@@ -130,8 +131,8 @@ class InstructionDataset(Dataset):
         for entry in self.entries:
             # The whole text is tokenised at once, as the model will read it; the prompt's own
             # tokens tell where it ends (BPE could merge across the seam, so take the common prefix).
-            ids = tokenizer.encode(format_example(entry, style))
-            prompt_ids = tokenizer.encode(format_prompt(entry, style))
+            ids = encode_text(tokenizer, format_example(entry, style))
+            prompt_ids = encode_text(tokenizer, format_prompt(entry, style))
             prompt_length = 0
             while (
                 prompt_length < min(len(ids), len(prompt_ids))
@@ -379,7 +380,7 @@ def generate_responses(
     if device is not None:
         model.to(device)
     with eval_mode(model):
-        encoded = [tokenizer.encode(prompt) for prompt in prompts]
+        encoded = [encode_text(tokenizer, prompt) for prompt in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         if progress:

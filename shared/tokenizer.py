@@ -102,6 +102,18 @@ def get_gpt2_tokenizer():
         ) from error
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as plain text: "<|endoftext|>" written inside data is not the special token.
+
+    tiktoken refuses such text by default; SMS messages (ch06) and instruction entries (ch07)
+    are data, so it is encoded like any other characters.
+    """
+    try:
+        return tokenizer.encode(text, disallowed_special=())
+    except TypeError:  # a tokenizer without tiktoken's keyword (e.g. the ch02 BPE) has no specials
+        return tokenizer.encode(text)
+
+
 # ---------------------------------------------------------------------------------------
 # Chapter 2, step 1: splitting on a regular expression and a word-level vocabulary
 # ---------------------------------------------------------------------------------------

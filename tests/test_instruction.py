@@ -626,3 +626,10 @@ def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, m
     assert len(responses) == 3 and all(isinstance(e["model_response"], str) for e in responses)
     assert load_hf_gpt2(tmp_path / "model").cfg["emb_dim"] == 64
     assert json.loads((tmp_path / "finetune-report.json").read_text())["train_seconds"] > 0
+
+
+def test_an_entry_that_writes_endoftext_is_tokenised_as_plain_text(gpt2_tokenizer):
+    entry = {**ENTRY_WITH_INPUT, "output": "Documents end with <|endoftext|> in GPT-2's data."}
+    example = InstructionDataset([entry], gpt2_tokenizer)[0]
+    assert 50256 not in example.token_ids  # not the special token: the characters themselves
+    assert gpt2_tokenizer.decode(list(example.token_ids)).endswith(entry["output"])
