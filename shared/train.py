@@ -420,9 +420,22 @@ def train_model(
     autocast(device, autocast_dtype)  # refuses a bad dtype before any work is done
     params = [p for p in model.parameters() if p.requires_grad]
 
+    pending_norms: list[torch.Tensor] = []  # kept on the device until the history needs them
+    started = time.perf_counter()
+
+    def sync_history() -> None:
+        """Move the pending gradient norms and the time trained since the last call into ``history``."""
+        nonlocal started
+        history.grad_norms.extend(float(n) for n in pending_norms)
+        pending_norms.clear()
+        now = time.perf_counter()
+        history.elapsed += now - started
+        started = now
+
     def save() -> None:
         from shared.checkpoint import save_checkpoint  # checkpoint imports this module
 
+        sync_history()
         save_checkpoint(checkpoint_path, model, optimizer, history=history, lr_schedule=lr_schedule)
 
     steps_per_epoch = (
@@ -430,8 +443,6 @@ def train_model(
     )
     total = steps_per_epoch * num_epochs if steps_per_epoch is not None else None
     bar = tqdm(total=total, initial=history.global_step, desc="training", unit="step", disable=not progress)
-    pending_norms: list[torch.Tensor] = []
-    started = time.perf_counter()
     model.train()
     while history.epoch < num_epochs:
         batches = _start_epoch(train_loader, history)
@@ -477,14 +488,9 @@ def train_model(
                 history.tokens_seen.append(history.total_tokens)
                 history.examples_seen.append(history.total_examples)
                 history.eval_steps.append(step)
-                history.grad_norms.extend(float(n) for n in pending_norms)
-                pending_norms.clear()
+                sync_history()
                 bar.set_postfix(epoch=history.epoch + 1, train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if checkpoint_every is not None and history.global_step % checkpoint_every == 0:
-                history.grad_norms.extend(float(n) for n in pending_norms)
-                pending_norms.clear()
-                history.elapsed += time.perf_counter() - started
-                started = time.perf_counter()
                 save()
 
         history.epoch += 1
@@ -497,12 +503,7 @@ def train_model(
                 sample = _sample(model, tokenizer, start_context, device, max_new_tokens)
             bar.write(f"epoch {history.epoch}: {sample}")
         if checkpoint_path is not None:
-            history.grad_norms.extend(float(n) for n in pending_norms)
-            pending_norms.clear()
-            history.elapsed += time.perf_counter() - started
-            started = time.perf_counter()
             save()
     bar.close()
-    history.grad_norms.extend(float(n) for n in pending_norms)
-    history.elapsed += time.perf_counter() - started
+    sync_history()
     return history
