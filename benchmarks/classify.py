@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment  # benchmarks/common.py: the machine record every report has
+from common import environment, load_ours_into_book  # benchmarks/common.py
 
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel
@@ -60,32 +60,6 @@ CFG = by_mode(
 # ---------------------------------------------------------------------------------------
 
 
-def book_state_from_ours(ours: dict, n_layers: int) -> dict:
-    """Our state dict in the layout of the book's GPTModel (separate q/k/v, scale/shift norms)."""
-    state = {
-        "tok_emb.weight": ours["tok_emb.weight"],
-        "pos_emb.weight": ours["pos_emb.weight"],
-        "final_norm.scale": ours["final_norm.weight"],
-        "final_norm.shift": ours["final_norm.bias"],
-        "out_head.weight": ours["out_head.weight"],
-        "out_head.bias": ours["out_head.bias"],
-    }
-    for i in range(n_layers):
-        ours_block, book_block = f"trf_blocks.{i}.", f"trf_blocks.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = ours[f"{ours_block}att.qkv.{kind}"].chunk(3, dim=0)
-            state[f"{book_block}att.W_query.{kind}"] = q
-            state[f"{book_block}att.W_key.{kind}"] = k
-            state[f"{book_block}att.W_value.{kind}"] = v
-            state[f"{book_block}att.out_proj.{kind}"] = ours[f"{ours_block}att.out_proj.{kind}"]
-            state[f"{book_block}ff.layers.0.{kind}"] = ours[f"{ours_block}ff.fc.{kind}"]
-            state[f"{book_block}ff.layers.2.{kind}"] = ours[f"{ours_block}ff.proj.{kind}"]
-        for n in ("1", "2"):
-            state[f"{book_block}norm{n}.scale"] = ours[f"{ours_block}norm{n}.weight"]
-            state[f"{book_block}norm{n}.shift"] = ours[f"{ours_block}norm{n}.bias"]
-    return {name: tensor.clone() for name, tensor in state.items()}
-
-
 def make_models(seed: int = 123):
     """(our classifier, the book's classifier) with identical weights and trainable parameters."""
     from llms_from_scratch.ch04 import GPTModel as BookGPTModel
@@ -94,10 +68,7 @@ def make_models(seed: int = 123):
     ours = cls.make_classifier(GPTModel(CFG), trainable_blocks=1)
     book = BookGPTModel(CFG)
     book.out_head = torch.nn.Linear(CFG["emb_dim"], 2)
-    missing, unexpected = book.load_state_dict(
-        book_state_from_ours(ours.state_dict(), CFG["n_layers"]), strict=False
-    )
-    assert not unexpected and all(name.endswith("att.mask") for name in missing), (missing, unexpected)
+    load_ours_into_book(book, ours.state_dict())
     # The book's freezing: everything, then the last block, the final norm and the head train again.
     book.requires_grad_(False)
     for module in (book.trf_blocks[-1], book.final_norm, book.out_head):

@@ -55,9 +55,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def environment() -> dict:
-    """Versions, CPU, threads and device: what a reader needs to compare two reports."""
-    device = get_device()
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions, CPU, threads and device: what a reader needs to compare two reports.
+
+    ``device``: the one the benchmark ran on, when it chose one itself (default: ``get_device()``).
+    """
+    device = torch.device(device) if device is not None else get_device()
     record = {
         "python": platform.python_version(),
         "versions": {package: _version(package) for package in PEER_PACKAGES},
@@ -80,6 +83,32 @@ def describe(record: dict) -> str:
         f"{record['cpu']} ({record['cpu_count']} CPUs, torch on {record['torch_threads']} threads), "
         f"device {record.get('gpu', record['device'])}, torch {record['versions']['torch']}, {mode} mode"
     )
+
+
+def load_ours_into_book(book: torch.nn.Module, ours: dict) -> torch.nn.Module:
+    """Give the book's ch04 ``GPTModel`` (``llms_from_scratch``) the weights of our state dict ``ours``.
+
+    The layouts differ in three ways: the book's attention has separate ``W_query``/``W_key``/
+    ``W_value`` layers where ours stacks them in one ``qkv`` (queries, keys, values in that
+    order), its feed-forward is a ``Sequential`` (``layers.0``/``layers.2`` for our ``fc``/
+    ``proj``), and its norms call their parameters ``scale``/``shift``. Everything else has the
+    same name. Only the book's causal-mask buffers may be left unset; returns ``book``.
+    """
+    state = {}
+    for name, tensor in ours.items():
+        if ".att.qkv." in name:
+            for part, piece in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=0), strict=True):
+                state[name.replace(".att.qkv.", f".att.{part}.")] = piece.clone()
+            continue
+        name = name.replace(".ff.fc.", ".ff.layers.0.").replace(".ff.proj.", ".ff.layers.2.")
+        module, _, kind = name.rpartition(".")
+        if module.rpartition(".")[2].startswith(("norm", "final_norm")):
+            name = f"{module}.{'scale' if kind == 'weight' else 'shift'}"
+        state[name] = tensor.clone()
+    missing, unexpected = book.load_state_dict(state, strict=False)
+    if unexpected or any(not name.endswith("att.mask") for name in missing):
+        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+    return book
 
 
 def time_interleaved(

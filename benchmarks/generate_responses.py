@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, describe, environment, write_report
+from common import RESULTS_DIR, describe, environment, load_ours_into_book, write_report
 
 from shared.data import load_instruction_data
 from shared.generate import generate
@@ -64,37 +64,14 @@ ROUNDS = by_mode(full=3, quick=1)
 
 
 def book_model_from_ours(ours: GPTModel):
-    """The book's ch04 GPTModel with our weights (its attention has separate query/key/value layers)."""
+    """The book's ch04 GPTModel with our weights, in eval mode."""
     from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
     cfg = {
         key: ours.cfg[key]
         for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
     }
-    book = BookGPTModel(cfg)
-    with torch.no_grad():
-        book.tok_emb.weight.copy_(ours.tok_emb.weight)
-        book.pos_emb.weight.copy_(ours.pos_emb.weight)
-        for theirs, mine in zip(book.trf_blocks, ours.trf_blocks, strict=True):
-            for name, weight in zip(
-                ("W_query", "W_key", "W_value"), mine.att.qkv.weight.chunk(3), strict=True
-            ):
-                getattr(theirs.att, name).weight.copy_(weight)
-            if cfg["qkv_bias"]:
-                for name, bias in zip(
-                    ("W_query", "W_key", "W_value"), mine.att.qkv.bias.chunk(3), strict=True
-                ):
-                    getattr(theirs.att, name).bias.copy_(bias)
-            theirs.att.out_proj.load_state_dict(mine.att.out_proj.state_dict())
-            theirs.ff.layers[0].load_state_dict(mine.ff.fc.state_dict())
-            theirs.ff.layers[2].load_state_dict(mine.ff.proj.state_dict())
-            for their_norm, my_norm in ((theirs.norm1, mine.norm1), (theirs.norm2, mine.norm2)):
-                their_norm.scale.copy_(my_norm.weight)
-                their_norm.shift.copy_(my_norm.bias)
-        book.final_norm.scale.copy_(ours.final_norm.weight)
-        book.final_norm.shift.copy_(ours.final_norm.bias)
-        book.out_head.weight.copy_(ours.out_head.weight)
-    return book.eval()
+    return load_ours_into_book(BookGPTModel(cfg), ours.state_dict()).eval()
 
 
 def main(argv=None):

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment  # benchmarks/common.py: the machine record every report carries
+from common import environment, load_ours_into_book  # benchmarks/common.py
 
 from shared.data import load_the_verdict
 from shared.dataloader import create_dataloader
@@ -90,41 +90,6 @@ def make_loaders():
     return train_loader, val_loader
 
 
-def copy_into_book_model(ours: GPTModel, book: torch.nn.Module) -> None:
-    """Give the book's GPTModel our weights: same names except attention, feed-forward and norms."""
-    src = ours.state_dict()
-    state = {
-        "tok_emb.weight": src["tok_emb.weight"],
-        "pos_emb.weight": src["pos_emb.weight"],
-        "final_norm.scale": src["final_norm.weight"],
-        "final_norm.shift": src["final_norm.bias"],
-        "out_head.weight": src["out_head.weight"],
-    }
-    for i in range(ours.cfg["n_layers"]):
-        ours_prefix = book_prefix = f"trf_blocks.{i}."
-        # Our fused qkv stacks queries, keys and values (in that order) along the output dimension.
-        query, key, value = src[ours_prefix + "att.qkv.weight"].chunk(3, dim=0)
-        state |= {
-            book_prefix + "att.W_query.weight": query,
-            book_prefix + "att.W_key.weight": key,
-            book_prefix + "att.W_value.weight": value,
-            book_prefix + "att.out_proj.weight": src[ours_prefix + "att.out_proj.weight"],
-            book_prefix + "att.out_proj.bias": src[ours_prefix + "att.out_proj.bias"],
-            book_prefix + "ff.layers.0.weight": src[ours_prefix + "ff.fc.weight"],
-            book_prefix + "ff.layers.0.bias": src[ours_prefix + "ff.fc.bias"],
-            book_prefix + "ff.layers.2.weight": src[ours_prefix + "ff.proj.weight"],
-            book_prefix + "ff.layers.2.bias": src[ours_prefix + "ff.proj.bias"],
-            book_prefix + "norm1.scale": src[ours_prefix + "norm1.weight"],
-            book_prefix + "norm1.shift": src[ours_prefix + "norm1.bias"],
-            book_prefix + "norm2.scale": src[ours_prefix + "norm2.weight"],
-            book_prefix + "norm2.shift": src[ours_prefix + "norm2.bias"],
-        }
-    # strict=False only for the book's causal-mask buffers, which are not weights.
-    missing, unexpected = book.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
-    if unexpected or any(not name.endswith("att.mask") for name in missing):
-        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
-
-
 _WEIGHTS_DIR = tempfile.TemporaryDirectory(prefix="bench-train-")
 
 
@@ -148,9 +113,7 @@ def build(side: str, cfg: dict, weights: dict) -> torch.nn.Module:
         return ours
     from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
-    book = BookGPTModel(cfg)
-    copy_into_book_model(ours, book)
-    return book
+    return load_ours_into_book(BookGPTModel(cfg), ours.state_dict())
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,7 +329,7 @@ def main(argv=None):
 
     result = {
         "benchmark": "train",
-        "environment": environment(),
+        "environment": environment(device),
         "quick": is_quick(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
