@@ -44,6 +44,7 @@ from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import make_optimizer, train_model
 from shared.utils import by_mode, is_quick, write_json
+from shared.weights import STANDIN_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +52,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "classify.json"
 BATCH_SIZE, LR, WEIGHT_DECAY, EVAL_FREQ, EVAL_ITER = 8, 5e-5, 0.1, 50, 5
 CFG = by_mode(
     full={**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "drop_rate": 0.0},
-    quick={**cls.SMALL_CONFIG, "n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 1024},
+    quick={**STANDIN_CONFIG, "n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 1024},
 )
 
 

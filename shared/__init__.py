@@ -12,7 +12,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters, set_dropout
 - ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
-- ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf
+- ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf, load_gpt2_or_standin, STANDIN_CONFIG
 - ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, autocast, lr_at, WarmupCosine
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, resume
 - ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError

@@ -35,9 +35,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.model import GPTModel, set_dropout
+from shared.model import GPTModel
 from shared.tokenizer import encode_text
 from shared.utils import atomic_path, eval_mode, write_json
+from shared.weights import BaseModel, load_gpt2_or_standin
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
@@ -525,41 +526,7 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
 # The model to start from
 # ---------------------------------------------------------------------------------------
 
-# The stand-in when GPT-2's weights cannot be had (offline) and in quick mode: a small GPT with
-# GPT-2's vocabulary, randomly initialised, so every layer must be trained.
-SMALL_CONFIG = {
-    "vocab_size": 50257,
-    "context_length": 256,
-    "emb_dim": 64,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
-
-
-def load_base_model(size: str = "gpt2-small", pretrained: bool = True, fallback_config: dict | None = None):
-    """(model, description, is_pretrained): OpenAI's GPT-2 when asked for and obtainable, else a small random GPT.
-
-    With ``pretrained=True`` the weights are downloaded (or found in the data directory) through
-    ``shared.weights`` and dropout is switched off, as in the book's finetuning; when that fails
-    (offline, firewall) the fallback is used and the description says so. The fallback is
-    ``fallback_config`` (default :data:`SMALL_CONFIG`).
-    """
-    from shared.download import DownloadError
-    from shared.weights import download_gpt2, load_hf_gpt2
-
-    fallback_config = fallback_config or SMALL_CONFIG
-    reason = "quick mode"
-    if pretrained:
-        try:
-            model = set_dropout(load_hf_gpt2(download_gpt2(size, progress=False)), 0.0)
-            return model, f"pretrained {size} (OpenAI's weights)", True
-        except (DownloadError, OSError) as error:
-            reason = f"{size} weights unavailable ({type(error).__name__})"
-    model = GPTModel(fallback_config)
-    description = (
-        f"RANDOMLY INITIALISED small GPT ({fallback_config['n_layers']} layers, emb_dim {fallback_config['emb_dim']}), "
-        f"not pretrained: {reason}"
-    )
-    return model, description, False
+def load_base_model(size: str = "gpt2-small", pretrained: bool = True) -> BaseModel:
+    """(model, description, is_pretrained) to build a classifier on: OpenAI's GPT-2 when asked for
+    and obtainable, else the small random stand-in (:func:`shared.weights.load_gpt2_or_standin`)."""
+    return load_gpt2_or_standin(size, pretrained=pretrained)

@@ -31,12 +31,11 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from shared.classification import SMALL_CONFIG
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
-from shared.model import set_dropout
 from shared.tokenizer import encode_text
 from shared.utils import eval_mode
+from shared.weights import STANDIN_CONFIG, BaseModel, load_gpt2_or_standin
 
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
@@ -210,19 +209,9 @@ def collate_fn(
 # The model to finetune
 # ---------------------------------------------------------------------------------------
 
-# A stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode: ch06's tiny
-# random GPT (GPT-2's vocabulary and layout, knowing no English at all), with the head tied to
-# the token embedding as in GPT-2.
-SMALL_MODEL_CONFIG = {**SMALL_CONFIG, "tie_weights": True}
-
-
-class BaseModel(NamedTuple):
-    """The model to finetune, a line that says which one it is, and whether it was pretrained."""
-
-    model: torch.nn.Module
-    description: str
-    pretrained: bool
-
+# The stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode (see
+# shared.weights), with the head tied to the token embedding as in GPT-2.
+SMALL_MODEL_CONFIG = {**STANDIN_CONFIG, "tie_weights": True}
 
 # The tiny random model learns nothing at GPT-2's finetuning rate of 5e-5 in a few steps.
 SMALL_MODEL_LR = 1e-3
@@ -232,34 +221,12 @@ PRETRAINED_LR = 5e-5
 def load_base_model(
     size: str = "gpt2-medium", model_dir=None, small: bool = False, seed: int = 123
 ) -> BaseModel:
-    """The model to finetune (see :class:`BaseModel`).
-
-    - ``model_dir``: a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``);
-    - ``small=True`` (quick mode): the tiny random :data:`SMALL_MODEL_CONFIG` model;
-    - otherwise OpenAI's GPT-2 of ``size``, downloaded once into the data directory. When that
-      fails (no network), the tiny random model instead, said so clearly, rather than an error.
-
-    Dropout is set to 0, as the book does for finetuning.
-    """
-    from shared.model import GPTModel
-    from shared.utils import set_seed
-    from shared.weights import download_gpt2, load_hf_gpt2
-
-    if model_dir is not None:
-        return BaseModel(
-            set_dropout(load_hf_gpt2(model_dir), 0.0), f"GPT-2 checkpoint from {model_dir}", True
-        )
-    if not small:
-        try:
-            model = load_hf_gpt2(download_gpt2(size))
-            return BaseModel(set_dropout(model, 0.0), f"OpenAI's pretrained {size}", True)
-        except (OSError, RuntimeError) as error:  # DownloadError is a RuntimeError
-            first_line = str(error).splitlines()[0]
-            print(f"Could not get {size} ({first_line}); using the tiny random stand-in model instead.")
-    set_seed(seed)
-    model = GPTModel(SMALL_MODEL_CONFIG)
-    description = "a TINY RANDOMLY INITIALISED stand-in (2 layers, 64 dims), not GPT-2: it knows no English"
-    return BaseModel(model, description, False)
+    """The model to finetune: a GPT-2 checkpoint folder (``model_dir``), OpenAI's GPT-2 of ``size``,
+    or with ``small=True`` (quick mode, or offline) the tiny :data:`SMALL_MODEL_CONFIG` stand-in
+    drawn from ``seed`` (:func:`shared.weights.load_gpt2_or_standin`)."""
+    return load_gpt2_or_standin(
+        size, pretrained=not small, model_dir=model_dir, standin_config=SMALL_MODEL_CONFIG, seed=seed
+    )
 
 
 # ---------------------------------------------------------------------------------------

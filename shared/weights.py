@@ -23,15 +23,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shared.data import data_dir
-from shared.download import download, host_url
-from shared.model import GPTConfig, GPTModel, build_on_meta, check_config
-from shared.utils import atomic_path
+from shared.download import DownloadError, download, host_url
+from shared.model import GPTConfig, GPTModel, build_on_meta, check_config, set_dropout
+from shared.utils import atomic_path, set_seed
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -382,3 +383,65 @@ def download_gpt2(
         url = host_url("huggingface", f"{HF_REPOS[size]}/resolve/main/{file}")
         download(url, folder / file, progress=progress)
     return folder
+
+
+# ---------------------------------------------------------------------------------------
+# The model to finetune (ch06, ch07): GPT-2, or a stand-in when its weights cannot be had
+# ---------------------------------------------------------------------------------------
+
+# GPT-2's vocabulary and layout, but tiny and randomly initialised: it knows no English at all.
+STANDIN_CONFIG = {
+    "vocab_size": 50257,
+    "context_length": 256,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+
+
+class BaseModel(NamedTuple):
+    """The model to finetune, a line that says which one it is, and whether it was pretrained."""
+
+    model: GPTModel
+    description: str
+    pretrained: bool
+
+
+def load_gpt2_or_standin(
+    size: str,
+    *,
+    pretrained: bool = True,
+    model_dir=None,
+    standin_config: GPTConfig | None = None,
+    seed: int | None = None,
+) -> BaseModel:
+    """The model to finetune, with dropout off as in the book's finetuning (see :class:`BaseModel`).
+
+    - ``model_dir``: a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``);
+    - ``pretrained=True``: OpenAI's GPT-2 of ``size``, downloaded once into the data directory.
+      When that fails (offline, a firewall), the stand-in instead, with a printed line and a
+      description that say so, rather than an error;
+    - ``pretrained=False`` (quick mode): the stand-in, ``standin_config`` (default
+      :data:`STANDIN_CONFIG`), drawn after ``set_seed(seed)`` when a seed is given.
+    """
+    if model_dir is not None:
+        return BaseModel(set_dropout(load_hf_gpt2(model_dir), 0.0), f"GPT-2 checkpoint from {model_dir}", True)
+    reason = "quick mode"
+    if pretrained:
+        try:
+            model = load_hf_gpt2(download_gpt2(size))
+            return BaseModel(set_dropout(model, 0.0), f"OpenAI's pretrained {size}", True)
+        except (DownloadError, OSError) as error:
+            first_line = str(error).splitlines()[0]
+            print(f"Could not get {size} ({first_line}); using the tiny random stand-in model instead.")
+            reason = f"{size} weights unavailable"
+    cfg = standin_config or STANDIN_CONFIG
+    if seed is not None:
+        set_seed(seed)
+    description = (
+        f"a TINY RANDOMLY INITIALISED stand-in ({cfg['n_layers']} layers, {cfg['emb_dim']} dims), "
+        f"not GPT-2 ({reason}): it knows no English"
+    )
+    return BaseModel(GPTModel(cfg), description, False)

@@ -7,6 +7,7 @@ import torch
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel, build_on_meta
 from shared.tokenizer import get_gpt2_tokenizer
+from shared.weights import STANDIN_CONFIG
 
 TINY = {
     "vocab_size": 50257,
@@ -289,13 +290,13 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
 
     torch.manual_seed(123)
     data = {
-        name: cls.SpamDataset(path, tokenizer, max_length=cls.SMALL_CONFIG["context_length"])
+        name: cls.SpamDataset(path, tokenizer, max_length=STANDIN_CONFIG["context_length"])
         for name, path in splits.items()
     }
     train_loader = cls.create_classification_loader(data["train"], 8, shuffle=True, drop_last=True)
     val_loader = cls.create_classification_loader(data["validation"], 8)
     test_loader = cls.create_classification_loader(data["test"], 8)
-    model = cls.make_classifier(GPTModel(cls.SMALL_CONFIG), trainable_blocks="all")
+    model = cls.make_classifier(GPTModel(STANDIN_CONFIG), trainable_blocks="all")
     before = cls.calc_accuracy_loader(test_loader, model, "cpu")
     history = train_model(
         model,
@@ -345,13 +346,13 @@ def test_load_base_model_uses_gpt2_weights_when_present_and_falls_back_offline(t
     monkeypatch.setenv("LLMS_HF_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline
     model, description, pretrained = cls.load_base_model("gpt2-small")
     assert not pretrained and "RANDOMLY INITIALISED" in description and "unavailable" in description
-    assert model.cfg == GPTModel(cls.SMALL_CONFIG).cfg
+    assert model.cfg == GPTModel(STANDIN_CONFIG).cfg
 
     # A checkpoint in the data directory (here a tiny one in GPT-2's format) is used as is.
     torch.manual_seed(0)
     save_hf_gpt2(GPTModel({**TINY, "drop_rate": 0.1, "tie_weights": True}), tmp_path / "gpt2-small")
     model, description, pretrained = cls.load_base_model("gpt2-small")
-    assert pretrained and description.startswith("pretrained gpt2-small")
+    assert pretrained and description == "OpenAI's pretrained gpt2-small"
     assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
