@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from shared.data import load_the_verdict
-from shared.dataloader import create_dataloader
+from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import WarmupCosine, train_model
@@ -50,24 +50,8 @@ WEIGHT_DECAY = 0.1
 SEED = 123
 
 
-def make_loaders(context_length: int):
-    """The ch05 split: the first 90% of the characters train, the rest validate."""
-    text = load_the_verdict()
-    split = int(0.9 * len(text))
-    set_seed(SEED)
-    train_loader = create_dataloader(
-        text[:split], batch_size=2, max_length=context_length, stride=context_length,
-        shuffle=True, drop_last=True,
-    )
-    val_loader = create_dataloader(
-        text[split:], batch_size=2, max_length=context_length, stride=context_length,
-        shuffle=False, drop_last=False,
-    )
-    return train_loader, val_loader
-
-
 def run(name: str, refined: bool, num_epochs: int, device, cfg: dict, init: str = "gpt2") -> dict:
-    train_loader, val_loader = make_loaders(cfg["context_length"])
+    train_loader, val_loader = train_val_loaders(load_the_verdict(), cfg["context_length"])  # ch05's split
     set_seed(SEED)
     model = GPTModel(cfg)
     if init == "pytorch":

@@ -49,7 +49,7 @@ import torch
 from common import environment, load_ours_into_book  # benchmarks/common.py
 
 from shared.data import load_the_verdict
-from shared.dataloader import create_dataloader
+from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import autocast, calc_loss_batch, make_optimizer, train_model
@@ -78,16 +78,7 @@ START_CONTEXT = "Every effort moves you"
 
 
 def make_loaders():
-    text = load_the_verdict()[:TEXT_CHARS]
-    split = int(0.9 * len(text))
-    context = CFG["context_length"]
-    train_loader = create_dataloader(
-        text[:split], batch_size=2, max_length=context, stride=context, shuffle=True, drop_last=True
-    )
-    val_loader = create_dataloader(
-        text[split:], batch_size=2, max_length=context, stride=context, shuffle=False, drop_last=False
-    )
-    return train_loader, val_loader
+    return train_val_loaders(load_the_verdict()[:TEXT_CHARS], CFG["context_length"])
 
 
 _WEIGHTS_DIR = tempfile.TemporaryDirectory(prefix="bench-train-")

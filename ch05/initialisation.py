@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from shared.data import load_the_verdict
-from shared.dataloader import create_dataloader
+from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.train import train_model
 from shared.utils import atomic_path, by_mode, get_device
@@ -42,19 +42,6 @@ CFG = by_mode(
     quick={**GPT_CONFIGS["gpt2-small"], "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2},
 )
 SCHEMES = ("gpt2", "pytorch", "gpt2_embeddings_n01")
-
-
-def make_loaders():
-    text = load_the_verdict()
-    split = int(0.9 * len(text))
-    context = CFG["context_length"]
-    train_loader = create_dataloader(
-        text[:split], batch_size=2, max_length=context, stride=context, shuffle=True, drop_last=True
-    )
-    val_loader = create_dataloader(
-        text[split:], batch_size=2, max_length=context, stride=context, shuffle=False, drop_last=False
-    )
-    return train_loader, val_loader
 
 
 def initialised_model(scheme: str, seed: int) -> GPTModel:
@@ -70,7 +57,7 @@ def initialised_model(scheme: str, seed: int) -> GPTModel:
 
 def run(scheme: str, seed: int, epochs: int, device) -> dict:
     model = initialised_model(scheme, seed).to(device)
-    train_loader, val_loader = make_loaders()
+    train_loader, val_loader = train_val_loaders(load_the_verdict(), CFG["context_length"])
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     started = time.perf_counter()

@@ -90,3 +90,21 @@ def create_dataloader(
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers
     )
+
+
+def train_val_loaders(
+    text: str, context_length: int, batch_size: int = 2, train_fraction: float = 0.9
+) -> tuple[DataLoader, DataLoader]:
+    """ch05's split: the first ``train_fraction`` of the characters train, the rest validate.
+
+    Both cut non-overlapping windows of ``context_length`` tokens (stride = context length). The
+    training loader shuffles and drops an incomplete last batch; the validation loader keeps its
+    order and every window (with ``drop_last`` a short validation text would have no batch).
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction}.")
+    split = int(train_fraction * len(text))
+    windows = {"batch_size": batch_size, "max_length": context_length, "stride": context_length}
+    train_loader = create_dataloader(text[:split], shuffle=True, drop_last=True, **windows)
+    val_loader = create_dataloader(text[split:], shuffle=False, drop_last=False, **windows)
+    return train_loader, val_loader

@@ -117,3 +117,18 @@ def test_loader_works_with_two_worker_processes():
     assert len(batches) == len(single) == 6
     for (inputs, targets), (expected_inputs, expected_targets) in zip(batches, single, strict=True):
         assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets)
+
+
+def test_train_val_loaders_split_the_characters_and_keep_every_validation_window():
+    from shared.dataloader import train_val_loaders
+
+    text = " ".join(f"word{i}" for i in range(400))
+    train, val = train_val_loaders(text, context_length=8, batch_size=3)
+    split = int(0.9 * len(text))
+    assert train.dataset.token_ids.tolist() == get_gpt2_tokenizer().encode(text[:split])
+    assert val.dataset.token_ids.tolist() == get_gpt2_tokenizer().encode(text[split:])
+    assert train.drop_last and not val.drop_last
+    assert sum(len(x) for x, _ in val) == len(val.dataset)  # no validation window is dropped
+    assert all(x.shape[1] == 8 for x, _ in train)
+    with pytest.raises(ValueError, match="train_fraction"):
+        train_val_loaders(text, context_length=8, train_fraction=1.0)

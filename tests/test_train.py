@@ -9,7 +9,7 @@ from tiny_gpt import TINY_TRAINING as TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.data import load_the_verdict
-from shared.dataloader import create_dataloader
+from shared.dataloader import train_val_loaders
 from shared.model import GPTModel
 from shared.train import (
     EmptyLoaderError,
@@ -100,11 +100,7 @@ def test_train_model_lowers_the_loss_on_the_verdict():
     torch.manual_seed(0)
     cfg = {**TINY, "vocab_size": 50257, "context_length": 32, "drop_rate": 0.0}
     model = GPTModel(cfg)
-    split = int(0.9 * len(the_verdict))
-    train = create_dataloader(the_verdict[:split], batch_size=4, max_length=32, stride=32)
-    val = create_dataloader(
-        the_verdict[split:], batch_size=4, max_length=32, stride=32, shuffle=False, drop_last=False
-    )
+    train, val = train_val_loaders(the_verdict, context_length=32, batch_size=4)
     optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.1)
     history = train_model(
         model, train, val, optimizer, "cpu", num_epochs=1, eval_freq=10, eval_iter=2, progress=False
