@@ -1,5 +1,6 @@
 """House rules every notebook follows (their execution is checked by nbval)."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -22,6 +23,9 @@ NOTEBOOKS = sorted(
 CHAPTER_NOTEBOOKS = [
     p for p in NOTEBOOKS if p.stem == p.parent.name and re.fullmatch(r"ch\d\d|appendix_[A-Z]", p.stem)
 ]
+_spec = importlib.util.spec_from_file_location("sync_setup_cell", ROOT / "tools" / "sync_setup_cell.py")
+sync_setup_cell = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sync_setup_cell)
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 
@@ -55,6 +59,58 @@ def test_every_chapter_folder_has_a_readme():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_first_code_cell_prints_the_banner(path):
     assert "banner()" in _source(_cells(path, "code")[0])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_first_code_cell_is_the_canonical_setup_cell(path):
+    expected = sync_setup_cell.setup_cell_source(path.relative_to(ROOT).as_posix())
+    assert _source(_cells(path, "code")[0]) == expected, (
+        f"{path.name}: the first code cell differs from tools/setup_cell.py; run python tools/sync_setup_cell.py"
+    )
+
+
+def test_sync_setup_cell_replaces_the_banner_cell_once_and_keeps_its_output(tmp_path):
+    notebook = tmp_path / "ch09" / "ch09.ipynb"
+    notebook.parent.mkdir()
+    banner_cell = {"cell_type": "code", "execution_count": 1, "id": "a1", "metadata": {},
+                   "outputs": [{"name": "stdout", "output_type": "stream", "text": ["python: 3\n"]}],
+                   "source": ["from shared.utils import banner\n", "\n", "banner()"]}
+    title = {"cell_type": "markdown", "id": "m1", "metadata": {}, "source": ["# Chapter 9"]}
+    notebook.write_text(json.dumps({"cells": [title, banner_cell], "metadata": {}, "nbformat": 4,
+                                    "nbformat_minor": 5}, indent=1) + "\n")
+    assert sync_setup_cell.sync(notebook, root=tmp_path) == "replaced the first code cell"
+    first = _cells(notebook, "code")[0]
+    assert _source(first) == sync_setup_cell.setup_cell_source("ch09/ch09.ipynb")
+    assert 'COURSE_NOTEBOOK = "ch09/ch09.ipynb"' in _source(first)
+    assert first["outputs"] == banner_cell["outputs"] and first["execution_count"] == 1
+    written = notebook.read_text()
+    assert sync_setup_cell.sync(notebook, root=tmp_path) is None
+    assert notebook.read_text() == written
+
+
+def test_sync_setup_cell_puts_the_cell_before_an_unknown_first_cell(tmp_path):
+    notebook = tmp_path / "extra.ipynb"
+    own = {"cell_type": "code", "execution_count": None, "id": "b1", "metadata": {}, "outputs": [],
+           "source": ["x = 1"]}
+    notebook.write_text(json.dumps({"cells": [own], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    sync_setup_cell.sync(notebook, root=tmp_path)
+    assert [_source(cell) for cell in _cells(notebook, "code")] == [
+        sync_setup_cell.setup_cell_source("extra.ipynb"), "x = 1"
+    ]
+
+
+def test_colab_badges_open_existing_notebooks_of_the_course_repository():
+    # Every badge link is built from the one repository URL in tools/setup_cell.py.
+    badge = re.compile(r"https://colab\.research\.google\.com/github/([^)\s]+)")
+    readmes = [ROOT / "README.md", *sorted(ROOT.glob("*/README.md"))]
+    links = [link for readme in readmes for link in badge.findall(readme.read_text(encoding="utf-8"))]
+    assert links, "README.md needs Open in Colab badges"
+    for link in links:
+        notebook = link.split("/blob/main/", 1)[-1]
+        assert f"https://colab.research.google.com/github/{link}" == sync_setup_cell.colab_url(notebook), link
+        assert (ROOT / notebook).is_file(), f"a badge opens {notebook}, which does not exist"
+    badged = {link.split("/blob/main/", 1)[-1] for link in links}
+    assert set(_ids(NOTEBOOKS)) <= badged, f"notebooks without a badge: {set(_ids(NOTEBOOKS)) - badged}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
@@ -116,10 +172,13 @@ def test_notebook_has_no_saved_errors_and_was_run_in_order(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_uses_no_test_only_dependency_or_machine_path(path):
+    setup_cell = sync_setup_cell.setup_cell_source(path.relative_to(ROOT).as_posix())
     for cell in _cells(path, "code"):
         source = _source(cell)
         assert not re.search(r"^\s*(import|from)\s+transformers\b", source, re.M), "transformers is test-only"
-        assert "sys.path" not in source, "import shared as an installed package, not via sys.path"
+        # The canonical setup cell alone may touch sys.path: on Colab it imports `shared` from its clone.
+        if source != setup_cell:
+            assert "sys.path" not in source, "import shared as an installed package, not via sys.path"
         assert not re.search(r"['\"]/(home|root|Users|work|tmp)/", source), "no absolute paths"
 
 
