@@ -20,17 +20,17 @@ def _fetch_course(notebook):
         "(keep the runtime's torch); then run this cell again."
     )
 
-    def run(command, minutes):
+    def run(what, command, minutes):
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=60 * minutes)
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise RuntimeError(f"Course setup: {command[0]} could not run ({error}). {fix}") from None
+            raise RuntimeError(f"Course setup: {what} could not run ({error}). {fix}") from None
         if result.returncode != 0:
-            raise RuntimeError(f"Course setup: {' '.join(command[:4])} failed: {result.stderr.strip()[-600:]}\n{fix}")
+            raise RuntimeError(f"Course setup: {what} failed: {result.stderr.strip()[-600:]}\n{fix}")
 
     did = []
     if not (clone / "shared").is_dir():
-        run(["git", "clone", "--quiet", "--depth", "1", url, str(clone)], minutes=5)
+        run("git clone", ["git", "clone", "--quiet", "--depth", "1", url, str(clone)], minutes=5)
         did.append(f"cloned {url} into {clone}")
     # torch stays the runtime's own build; jupyterlab, nbval and pytest run notebooks, not inside them.
     not_for_the_kernel = {"torch", "jupyterlab", "nbval", "pytest"}
@@ -45,7 +45,7 @@ def _fetch_course(notebook):
         except importlib.metadata.PackageNotFoundError:
             missing.append(line)
     if missing:
-        run([sys.executable, "-m", "pip", "install", "--quiet", *missing], minutes=10)
+        run("pip install", [sys.executable, "-m", "pip", "install", "--quiet", *missing], minutes=10)
         importlib.invalidate_caches()
         did.append(f"installed {', '.join(missing)}")
     # This kernel imports `shared` from the clone; child processes (scripts, torchrun) inherit PYTHONPATH.
