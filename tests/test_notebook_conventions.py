@@ -99,18 +99,26 @@ def test_sync_setup_cell_puts_the_cell_before_an_unknown_first_cell(tmp_path):
     ]
 
 
-def test_colab_badges_open_existing_notebooks_of_the_course_repository():
-    # Every badge link is built from the one repository URL in tools/setup_cell.py.
-    badge = re.compile(r"https://colab\.research\.google\.com/github/([^)\s]+)")
-    readmes = [ROOT / "README.md", *sorted(ROOT.glob("*/README.md"))]
-    links = [link for readme in readmes for link in badge.findall(readme.read_text(encoding="utf-8"))]
-    assert links, "README.md needs Open in Colab badges"
-    for link in links:
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]+")
+READMES = [ROOT / "README.md", *sorted(ROOT.glob("*/README.md"))]
+
+
+@pytest.mark.parametrize("readme", READMES, ids=_ids(READMES))
+def test_colab_links_open_existing_notebooks_of_the_course_repository(readme):
+    # Every link is built from the one repository URL in tools/setup_cell.py.
+    for link in COLAB_LINK.findall(readme.read_text(encoding="utf-8")):
         notebook = link.split("/blob/main/", 1)[-1]
-        assert f"https://colab.research.google.com/github/{link}" == sync_setup_cell.colab_url(notebook), link
-        assert (ROOT / notebook).is_file(), f"a badge opens {notebook}, which does not exist"
-    badged = {link.split("/blob/main/", 1)[-1] for link in links}
-    assert set(_ids(NOTEBOOKS)) <= badged, f"notebooks without a badge: {set(_ids(NOTEBOOKS)) - badged}"
+        assert link == sync_setup_cell.colab_url(notebook), f"{link}: run python tools/sync_setup_cell.py"
+        assert (ROOT / notebook).is_file(), f"{link} opens {notebook}, which does not exist"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_has_a_colab_badge_in_the_chapter_map_and_its_chapter_readme(path):
+    link = sync_setup_cell.colab_url(path.relative_to(ROOT).as_posix())
+    badge = f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({link})"
+    for readme in [ROOT / "README.md", path.parent / "README.md"]:
+        links = COLAB_LINK.findall(readme.read_text(encoding="utf-8")) if readme.is_file() else []
+        assert link in links, f"{readme.relative_to(ROOT)} lacks a badge for {path.name}; add {badge}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
