@@ -48,7 +48,7 @@ def colab_python(tmp_path_factory):
     folder = tmp_path_factory.mktemp("colab") / "venv"
     venv.EnvBuilder(with_pip=True).create(folder)
     python = folder / "bin" / "python"
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", *COLAB_PREINSTALLED],
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-compile", *COLAB_PREINSTALLED],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
     # Run from the venv's folder: from the repository root, `python -c` would find ./shared.
