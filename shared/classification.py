@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from shared.data import data_dir, load_sms_spam
 from shared.model import GPTModel
 from shared.tokenizer import encode_text
 from shared.utils import atomic_path, eval_mode, write_json
@@ -109,8 +110,6 @@ def prepare_spam_splits(folder: str | os.PathLike | None = None, seed: int = 123
     The files (``train.csv``, ``validation.csv``, ``test.csv``, columns ``Label`` as 0/1 and
     ``Text``) go to ``folder`` (default: ``<data dir>/sms-spam-splits``). Returns their paths.
     """
-    from shared.data import data_dir, load_sms_spam
-
     folder = Path(folder) if folder is not None else data_dir() / SPLITS_FOLDER
     balanced = balanced_subset(load_sms_spam(), seed=seed)
     balanced = balanced.assign(Label=label_ids(balanced["Label"]))

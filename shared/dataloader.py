@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shared.model import check_token_ids
-from shared.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+from shared.tokenizer import END_OF_TEXT, check_token_ids, get_gpt2_tokenizer
 
 
 class GPTDataset(Dataset):

@@ -195,7 +195,7 @@ def _stop_process_tree(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def run_process_tree(
+def _run_process_group(
     command: Sequence[str],
     timeout: float,
     cwd: str | Path | None = None,
@@ -245,7 +245,8 @@ def launch_torchrun(
     """Run ``python -m torch.distributed.run --standalone --nproc_per_node=N script ...``.
 
     ``--standalone`` lets torchrun pick a free port on this machine, so several runs (say, two
-    test sessions) never collide. The run is bounded by ``timeout`` as in :func:`run_process_tree`.
+    test sessions) never collide. After ``timeout`` seconds (or an interrupt) torchrun and every
+worker it started are killed and TimeoutError says so; the output comes back in ``.stdout``.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be at least 1, got {nproc_per_node}.")
@@ -258,4 +259,4 @@ def launch_torchrun(
         str(script),
         *map(str, script_args),
     ]
-    return run_process_tree(command, timeout=timeout, cwd=cwd, env=env)
+    return _run_process_group(command, timeout=timeout, cwd=cwd, env=env)

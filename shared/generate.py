@@ -13,7 +13,8 @@ import numbers
 
 import torch
 
-from shared.model import GPTModel, check_token_ids
+from shared.model import GPTModel
+from shared.tokenizer import check_token_ids
 
 
 def generate_text_simple(

@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from shared.attention import KVCache, MultiHeadAttention
+from shared.tokenizer import GPT2_VOCAB_SIZE, check_token_ids
 
 # The four GPT-2 sizes. ``qkv_bias`` is False as in the book's ch04 model, which gives the
 # parameter counts the chapter quotes (163,009,536 for gpt2-small); OpenAI's checkpoints do
 # carry query/key/value biases, so ``shared.weights.load_hf_gpt2`` sets it to True.
-_GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
+_GPT2_BASE = {"vocab_size": GPT2_VOCAB_SIZE, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
 GPT_CONFIGS = {
     "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -127,34 +128,6 @@ def check_config(cfg: GPTConfig) -> GPTConfig:
             "each head gets emb_dim // n_heads dimensions."
         )
     return cfg
-
-
-def check_token_ids(
-    idx: torch.Tensor, vocab_size: int | None, what: str = "token ids", *, check_range: bool = True
-) -> None:
-    """Raise ValueError unless ``idx`` holds integer ids in ``[0, vocab_size)``.
-
-    One min/max over the tensor, not a Python loop: cheap next to a forward pass, and it turns
-    an index error deep inside the embedding (on a GPU, a device-side assert that kills the
-    process) into a message that says which id is wrong. Reading the min and max back makes the
-    host wait for the tensor's device; ``check_range=False`` checks the dtype only.
-    """
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(
-            f"{what} must be integers, got a tensor of dtype {idx.dtype}; token ids come from a "
-            "tokenizer, and converting floats would silently round them."
-        )
-    if idx.numel() == 0 or not check_range:
-        return
-    low, high = torch.aminmax(idx)
-    low, high = int(low), int(high)
-    if low < 0 or (vocab_size is not None and high >= vocab_size):
-        bad = low if low < 0 else high
-        limit = f"0 to {vocab_size - 1}" if vocab_size is not None else "0 upwards"
-        raise ValueError(
-            f"{what} contain {bad}, outside the vocabulary (ids run from {limit}); was the text "
-            "encoded with a different tokenizer than the model's?"
-        )
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # The one switch for quick mode. It only shrinks sizes (model dims, epochs, data subsets);
@@ -86,13 +87,9 @@ def get_device(prefer: str | None = None) -> torch.device:
 
 
 def set_seed(seed: int = 123) -> None:
-    """Seed Python, NumPy (when installed) and PyTorch on every device."""
+    """Seed Python, NumPy and PyTorch on every device."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with pandas and matplotlib
-        return
     np.random.seed(seed)
 
 
