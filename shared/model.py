@@ -169,9 +169,14 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask))
+        attended = self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask, causal=causal)
+        x = x + self.drop_shortcut(attended)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -236,6 +241,7 @@ class GPTModel(nn.Module):
         idx: torch.Tensor,
         cache: list[KVCache] | None = None,
         attention_mask: torch.Tensor | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Logits (batch, tokens, vocab) for token ids ``idx`` (batch, tokens).
 
@@ -243,10 +249,13 @@ class GPTModel(nn.Module):
         the tokens after the cached ones.
 
         ``attention_mask`` (batch, cached + new tokens), 1 for real tokens and 0 for padding, is
-        for sequences padded on the left (ch07 batches prompts of different lengths this way).
-        Each row's positions then count its real tokens only, so its first real token is at
-        position 0 exactly as without padding, and no token attends to padding. Without a mask
-        every position is real.
+        for padded sequences. No token attends to padding, and each row's positions count from its
+        first real token: a row padded on the left (ch07 batches prompts of different lengths this
+        way) computes exactly what it would alone, and a row padded on the right keeps positions
+        0, 1, 2, ... Without a mask every position is real.
+
+        ``causal=False`` lets every token attend to every real token, later ones included (ch06's
+        bidirectional classifier); it needs no cache.
         """
         if idx.ndim != 2:
             raise ValueError(
@@ -276,11 +285,13 @@ class GPTModel(nn.Module):
                     f"{(idx.shape[0], start + num_tokens)}, got {tuple(attention_mask.shape)}."
                 )
             key_padding_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
-            # A row's position counts its real tokens so far; padding sits at position 0.
-            positions = (key_padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+            # Positions count from each row's first real token; left padding sits at position 0.
+            first_real = key_padding_mask.int().argmax(dim=1, keepdim=True)
+            positions = (torch.arange(start, start + num_tokens, device=idx.device) - first_real).clamp(min=0)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache[i] if cache else None, key_padding_mask=key_padding_mask)
+            block_cache = cache[i] if cache else None
+            x = block(x, cache=block_cache, key_padding_mask=key_padding_mask, causal=causal)
         return self.out_head(self.final_norm(x))
 
 
