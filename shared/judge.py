@@ -113,8 +113,12 @@ class Judge:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.base_url!r}, model={self.model!r})"
 
-    # What differs between the two server kinds.
     def payload(self, prompt: str) -> dict:
+        """The request body: one user message, and the server kind's sampling settings."""
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], **self.settings()}
+
+    # What differs between the two server kinds.
+    def settings(self) -> dict:
         raise NotImplementedError
 
     def reply_text(self, body: str) -> str:
@@ -179,13 +183,8 @@ class OllamaJudge(Judge):
     endpoint = "/api/chat"
     probe_endpoint = "/api/tags"
 
-    def payload(self, prompt: str) -> dict:
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "stream": False,
-            "options": {"temperature": 0, "seed": self.seed, "num_ctx": 2048},
-        }
+    def settings(self) -> dict:
+        return {"stream": False, "options": {"temperature": 0, "seed": self.seed, "num_ctx": 2048}}
 
     def reply_text(self, body: str) -> str:
         # Non-streaming: one JSON object. Streaming: one object per line, each with a piece.
@@ -212,13 +211,8 @@ class OpenAIJudge(Judge):
     endpoint = "/chat/completions"
     probe_endpoint = "/models"
 
-    def payload(self, prompt: str) -> dict:
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "seed": self.seed,
-        }
+    def settings(self) -> dict:
+        return {"temperature": 0, "seed": self.seed}
 
     def reply_text(self, body: str) -> str:
         reply = _load_json(body, "a chat completion")

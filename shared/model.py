@@ -168,15 +168,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        causal: bool = True,
-    ) -> torch.Tensor:
-        attended = self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask, causal=causal)
-        x = x + self.drop_shortcut(attended)
+    def forward(self, x: torch.Tensor, **attention) -> torch.Tensor:
+        """``attention``: the cache, key padding mask and causal flag for :class:`MultiHeadAttention`."""
+        x = x + self.drop_shortcut(self.att(self.norm1(x), **attention))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 

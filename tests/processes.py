@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from shared import distributed
 
 
-def run_process_tree(
-    command: Sequence[str],
-    timeout: float,
-    cwd: str | Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run ``command``; its stdout and stderr together come back in ``.stdout``.
+def run_process_tree(command: Sequence[str], timeout: float, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run ``command`` (in folder ``cwd``, with environment ``env``); its stdout and stderr
+    together come back in ``.stdout``.
 
     After ``timeout`` seconds (or an interrupt) the command and every process it started are
     killed before TimeoutError is raised, so a hung script never outlives its test. It is the
