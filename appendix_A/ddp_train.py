@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def main(argv=None) -> dict:
         out_dir = agree_on_out_dir(args.out_dir)
         facts = train(args, info)
     write_facts(facts, out_dir)
-    print_main(f"wrote {out_dir}")
+    print_main(f"wrote {os.path.relpath(out_dir)}")
     return facts
 
 
