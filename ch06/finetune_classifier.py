@@ -83,6 +83,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def spam_loaders(args: argparse.Namespace, model_context_length: int) -> tuple[dict, int]:
+    """Train/validation/test loaders of the balanced split, and the length messages are cut to.
+
+    The split is the same every time (seed 123), whatever the training seed.
+    """
+    tokenizer = get_gpt2_tokenizer()
+    paths = cls.prepare_spam_splits()
+    context_length = min(args.context_length or model_context_length, model_context_length)
+    train_set = cls.SpamDataset(paths["train"], tokenizer, context_length=context_length)
+    if args.padding == "longest":  # the book: pad to (and truncate at) the longest training message
+        context_length = train_set.longest
+    pad_to = {"dynamic": None, "longest": context_length, "context": context_length}[args.padding]
+    datasets = {
+        "train": train_set,
+        "validation": cls.SpamDataset(paths["validation"], tokenizer, context_length=context_length),
+        "test": cls.SpamDataset(paths["test"], tokenizer, context_length=context_length),
+    }
+    loaders = {
+        name: cls.create_classification_loader(
+            data, args.batch_size, shuffle=name == "train", drop_last=name == "train", pad_to=pad_to
+        )
+        for name, data in datasets.items()
+    }
+    return loaders, context_length
+
+
 def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Run the whole pipeline; return the trained classifier and the report."""
     quick = args.quick or is_quick()
@@ -100,20 +126,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     lr = args.lr if args.lr is not None else (5e-5 if pretrained else 1e-3)
     epochs = args.epochs if args.epochs is not None else (2 if quick else 5)
 
-    # Data: the same balanced 70/10/20 split every time (seed 123), whatever the training seed.
-    tokenizer = get_gpt2_tokenizer()
-    paths = cls.prepare_spam_splits()
-    context_length = min(args.context_length or model.context_length, model.context_length)
-    train_set = cls.SpamDataset(paths["train"], tokenizer, context_length=context_length)
-    if args.padding == "longest":  # the book: pad to (and truncate at) the longest training message
-        context_length = train_set.longest
-    pad_to = {"dynamic": None, "longest": context_length, "context": context_length}[args.padding]
-    datasets = {
-        "train": train_set,
-        "validation": cls.SpamDataset(paths["validation"], tokenizer, context_length=context_length),
-        "test": cls.SpamDataset(paths["test"], tokenizer, context_length=context_length),
-    }
-
+    loaders, context_length = spam_loaders(args, model.context_length)
     set_seed(args.seed)  # the head's initialisation and the shuffling depend on the seed only
     cls.make_classifier(
         model,
@@ -123,12 +136,6 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         causal=not args.no_causal_mask,
     )
     model.to(device)
-    loaders = {
-        name: cls.create_classification_loader(
-            data, args.batch_size, shuffle=name == "train", drop_last=name == "train", pad_to=pad_to
-        )
-        for name, data in datasets.items()
-    }
     trainable, total = cls.count_trainable(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
 

@@ -374,13 +374,16 @@ def classification_loss(input_batch, target_batch, model, device) -> torch.Tenso
     return loss_from_logits(classifier_logits(model, input_batch), target_batch)
 
 
-def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = None) -> float:
-    """Accuracy over the first ``num_batches`` batches (all when None), in eval mode without gradients."""
+def calc_accuracy_loader(data_loader, model, device=None, num_batches: int | None = None) -> float:
+    """Accuracy over the first ``num_batches`` batches (all when None), in eval mode without gradients.
+
+    The batches go to ``device`` (default: where the model is)."""
     if len(data_loader) == 0:
         raise ValueError(
             "the data loader has no batches (an empty split, or drop_last with too few examples)."
         )
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    device = device if device is not None else next(model.parameters()).device
     correct, seen = torch.zeros((), device=device), 0
     with eval_mode(model), torch.no_grad():
         for i, (input_batch, target_batch) in enumerate(data_loader):
@@ -393,7 +396,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = N
     return correct.item() / seen
 
 
-def accuracy_callback(loaders: dict, device, num_batches: int | None = None):
+def accuracy_callback(loaders: dict, device=None, num_batches: int | None = None):
     """An ``epoch_end`` callback for ``train_model``: ``{"<name>_acc": accuracy}`` for each loader."""
 
     def epoch_end(epoch: int, model: nn.Module) -> dict:

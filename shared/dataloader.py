@@ -69,6 +69,10 @@ def create_dataloader(
 ) -> DataLoader:
     """Batches of (inputs, targets), each of shape (batch_size, max_length).
 
+    ``max_length`` is the window length, what the rest of the course calls ``context_length``;
+    this function and :class:`GPTDataset` keep the book's ch02 name, which the ch02, ch05 and
+    appendix D notebooks use.
+
     ``text_or_ids`` is raw text (tokenized here with GPT-2's tokenizer, ``<|endoftext|>``
     allowed as a document separator) or a sequence/tensor of token ids, checked against
     ``vocab_size`` when given (see :class:`GPTDataset`).

@@ -335,6 +335,7 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
         progress=False,
     )
     after = cls.calc_accuracy_loader(test_loader, model, "cpu")
+    assert cls.calc_accuracy_loader(test_loader, model) == after  # no device: where the model is
     assert 0.3 < before < 0.7  # an untrained head is at chance on a balanced split
     print(f"test accuracy before {before:.4f}, after one epoch {after:.4f}")
     assert after >= 0.85, after  # chance is 0.5; a pipeline that reads the wrong thing stays near it
