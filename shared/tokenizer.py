@@ -1,5 +1,11 @@
 """Tokenizers: the chapter-2 word-level tokenizers and GPT-2's byte-pair encoding through
-tiktoken (the byte-pair encoder written from scratch is in :mod:`shared.bpe`)."""
+tiktoken (the byte-pair encoder written from scratch is in :mod:`shared.bpe`).
+
+Also what every later module needs to know about token ids: GPT-2's vocabulary size and
+end-of-text id (:data:`GPT2_VOCAB_SIZE`, :data:`GPT2_EOT_ID`, defined here once) and
+:func:`check_token_ids`, the check that ids are integers inside a vocabulary, used by the
+datasets (ch02), the model (ch04) and generation.
+"""
 
 from __future__ import annotations
 
