@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from scripts import load_script
 
 from shared.generate import generate
 from shared.instruction import (
@@ -343,17 +344,6 @@ def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
     assert history.val_losses[-1] < history.val_losses[0]
 
 
-def load_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "ch07" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_ch07_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(monkeypatch, capsys):
     import shared.weights
     from shared.download import DownloadError
@@ -386,7 +376,7 @@ def test_the_ch07_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
 def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, monkeypatch):
     from shared.weights import load_hf_gpt2
 
-    finetune = load_script("finetune_instructions")
+    finetune = load_script("ch07", "finetune_instructions")
     monkeypatch.setattr(finetune, "QUICK_SIZES", {"train": 16, "val": 8, "test": 3, "max_new_tokens": 4})
     report = finetune.main(["--quick", "--epochs", "1", "--eval-iter", "1", "--out-dir", str(tmp_path)])
     assert report["val_loss_after"] < report["val_loss_before"]

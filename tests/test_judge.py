@@ -1,15 +1,14 @@
 """shared.judge: the score parser, the judge clients against a local fake server, and
 ch07/evaluate_responses.py."""
 
-import importlib.util
 import json
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from shared.judge import JudgeError, OllamaJudge, OpenAIJudge, make_judge, parse_score, score_responses
 
@@ -211,16 +210,8 @@ def test_batch_scoring_with_the_server_down_leaves_everything_unscored():
     assert all("cannot reach" in e for e in report.errors)
 
 
-def load_script(name):
-    path = Path(__file__).resolve().parent.parent / "ch07" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_script_scores_offline_and_with_a_judge(judge_server, tmp_path, capsys):
-    evaluate = load_script("evaluate_responses")
+    evaluate = load_script("ch07", "evaluate_responses")
     entries = [
         {**ENTRY_WITH_INPUT, "model_response": "The fish was eaten by the cat."},
         {**ENTRY_WITHOUT_INPUT, "model_response": "Blue."},
@@ -243,7 +234,7 @@ def test_evaluate_script_scores_offline_and_with_a_judge(judge_server, tmp_path,
 
 
 def test_evaluate_script_explains_a_missing_response_key(tmp_path):
-    evaluate = load_script("evaluate_responses")
+    evaluate = load_script("ch07", "evaluate_responses")
     path = tmp_path / "responses.json"
     path.write_text(json.dumps([ENTRY_WITH_INPUT]))
     with pytest.raises(SystemExit, match="model_response"):
