@@ -61,16 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="gpt2-medium", choices=list(GPT_CONFIGS), help="GPT-2 size to download"
     )
-    parser.add_argument(
-        "--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download"
-    )
+    parser.add_argument("--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="AdamW learning rate (default 5e-5 for GPT-2, 1e-3 for the tiny model)",
-    )
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5 GPT-2, 1e-3 tiny model)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--style", default="alpaca", choices=PROMPT_STYLES, help="prompt format")
