@@ -13,9 +13,11 @@ as a group of one.
 The notebook ``appendix_A.ipynb`` builds these pieces one by one; this file is their final,
 runnable form, and the notebook checks that its versions match these.
 
-``--facts-dir DIR`` makes every process write what it did to ``DIR/rank<N>.json`` (the sample
-indices of every batch it trained on, accuracies, a checksum of its parameters) and its final
-weights to ``DIR/rank<N>.pt``; the tests read those.
+Every process writes what it did to ``<out-dir>/rank<N>.json`` (the sample indices of every
+batch it trained on, accuracies, a checksum of its parameters) and its final weights to
+``<out-dir>/rank<N>.pt``; the tests read those. ``--out-dir`` defaults to a new folder
+``appendix_A/runs/ddp_train/<date>-<time>/`` (rank 0 makes it and tells the others).
+``--device cpu`` trains on the CPU on a GPU machine too.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from shared.distributed import DistributedInfo, distributed_session, mean_across_processes, print_main, unwrap
-from shared.utils import set_seed
+from shared.utils import run_dir, set_seed
+
+HERE = Path(__file__).resolve().parent
 
 
 def make_toy_data(num_samples: int, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num-test-samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: one GPU per process when there are GPUs)")
     parser.add_argument(
-        "--facts-dir", type=Path, default=None, help="write per-process facts here (for tests)"
+        "--out-dir", type=Path, default=None, help="per-process facts and weights (default: a new run folder)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="accepted like every script's; the toy run is quick-sized already"
     )
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "accumulation_steps", "num_samples", "num_test_samples"):
@@ -256,12 +266,20 @@ def write_facts(facts: dict, folder: Path) -> None:
     (folder / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1))
 
 
+def agree_on_out_dir(out_dir: Path | None) -> Path:
+    """Rank 0 picks (and makes) the output folder; every process gets its path."""
+    chosen = [str(run_dir(out_dir, HERE / "runs" / "ddp_train")) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with distributed_session() as info:
+    with distributed_session(args.device) as info:
+        out_dir = agree_on_out_dir(args.out_dir)
         facts = train(args, info)
-    if args.facts_dir is not None:
-        write_facts(facts, args.facts_dir)
+    write_facts(facts, out_dir)
+    print_main(f"wrote {os.path.relpath(out_dir)}")
     return facts
 
 

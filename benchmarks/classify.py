@@ -128,7 +128,7 @@ def run_book(book_init, csvs, seed, score_test=True):
 def run_ours(ours_init, csvs, seed, score_test=True):
     tokenizer = get_gpt2_tokenizer()
     data = {
-        name: cls.SpamDataset(csvs[name], tokenizer, max_length=CFG["context_length"])
+        name: cls.SpamDataset(csvs[name], tokenizer, context_length=CFG["context_length"])
         for name in ("train", "validation", "test")
     }
     model = copy.deepcopy(ours_init)

@@ -24,10 +24,18 @@ from pathlib import Path
 
 import torch
 
-from shared.utils import get_device, is_quick, write_json
+from shared.model import GPT_CONFIGS
+from shared.utils import by_mode, get_device, is_quick, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEER_PACKAGES = ("torch", "tiktoken", "transformers", "regex", "llms-from-scratch")
+
+
+def gpt2_small_or_toy(**toy_changes) -> dict:
+    """GPT-2 small with query/key/value biases (Hugging Face's GPT-2 always has them) and no
+    dropout; in quick mode a 2-layer, 64-wide toy of it, with ``toy_changes`` on top."""
+    full = {**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "drop_rate": 0.0}
+    return by_mode(full=full, quick={**full, "emb_dim": 64, "n_heads": 4, "n_layers": 2, **toy_changes})
 
 
 def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:

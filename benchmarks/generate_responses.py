@@ -32,28 +32,18 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, describe, environment, load_ours_into_book, write_report
+from common import RESULTS_DIR, describe, environment, gpt2_small_or_toy, load_ours_into_book, write_report
 
 from shared.data import load_instruction_data
 from shared.generate import generate
 from shared.instruction import format_prompt, generate_batch_ids, split_entries
-from shared.model import GPT_CONFIGS, GPTModel
+from shared.model import GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.utils import by_mode
 
 RESULTS = RESULTS_DIR / "generate_responses.json"
 
-CFG = by_mode(
-    full={**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "drop_rate": 0.0},
-    quick={
-        **GPT_CONFIGS["gpt2-small"],
-        "emb_dim": 64,
-        "n_heads": 4,
-        "n_layers": 2,
-        "qkv_bias": True,
-        "drop_rate": 0.0,
-    },
-)
+CFG = gpt2_small_or_toy()
 NUM_PROMPTS = by_mode(full=8, quick=3)
 # The runs without a cache are slow (minutes per prompt on a busy 2-core CPU): they answer only
 # the first SLOW_PROMPTS prompts, and their time for all NUM_PROMPTS is that time x NUM_PROMPTS /

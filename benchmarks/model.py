@@ -28,27 +28,24 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import describe, environment, parse_args, ready, summary, time_interleaved, write_report
+from common import (
+    describe,
+    environment,
+    gpt2_small_or_toy,
+    parse_args,
+    ready,
+    summary,
+    time_interleaved,
+    write_report,
+)
 
 from shared.generate import generate
-from shared.model import GPT_CONFIGS, GPTModel, check_config, count_parameters
+from shared.model import GPTModel, check_config, count_parameters
 from shared.utils import by_mode
 from shared.weights import config_to_hf, load_hf_gpt2
 
-# GPT-2 small (qkv biases on: Hugging Face's GPT-2 always has them), or a toy in quick mode.
-CFG = by_mode(
-    full={**GPT_CONFIGS["gpt2-small"], "qkv_bias": True, "drop_rate": 0.0},
-    quick={
-        **GPT_CONFIGS["gpt2-small"],
-        "emb_dim": 64,
-        "n_heads": 4,
-        "n_layers": 2,
-        "vocab_size": 1000,
-        "context_length": 256,
-        "qkv_bias": True,
-        "drop_rate": 0.0,
-    },
-)
+# GPT-2 small, or a toy with a small vocabulary in quick mode.
+CFG = gpt2_small_or_toy(vocab_size=1000, context_length=256)
 BATCH, SEQ_LEN = by_mode(full=(2, 256), quick=(2, 32))
 TRAIN_ROUNDS = by_mode(full=5, quick=1)
 TRAIN_STEPS = by_mode(full=3, quick=1)  # single steps vary by +-30% here: time several per sample

@@ -7,7 +7,8 @@ Each variant changes one setting of the baseline (last real token, dynamic paddi
 mask, two outputs with softmax; one trainable block for pretrained GPT-2, all layers for the
 random small model) and runs ``finetune_classifier.finetune`` with the same seed. The table
 (markdown and JSON: train/validation/test accuracy, trainable parameters, wall time, seed,
-settings) goes to ``ch06/results/`` unless ``--out-dir`` says otherwise.
+settings) goes to a new folder ``ch06/runs/experiments/<date>-<time>/`` unless ``--out-dir``
+names one; ``--out-dir ch06/results`` refreshes the table kept in the repository.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from finetune_classifier import finetune, parse_args
 
-from shared.utils import atomic_path, is_quick, write_json
+from shared.utils import atomic_path, is_quick, run_dir, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,18 +51,26 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--only", nargs="*", default=None, help="run only these variants (names as in the table)"
     )
-    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: a new folder in ch06/runs/experiments/"
+    )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; the variants are {list(VARIANTS)}")
     quick = args.quick or is_quick()
+    out_dir = run_dir(args.out_dir, HERE / "runs" / "experiments")
+    shared_flags = ["--seed", str(args.seed), "--no-save", *(["--quick"] if quick else [])]
+    if args.device:
+        shared_flags += ["--device", args.device]
 
     rows = []
     for name, (meaning, flags) in VARIANTS.items():
         if args.only and name not in args.only:
             continue
         print(f"\n=== {name}: {meaning}")
-        run_args = parse_args(
-            [*flags, "--seed", str(args.seed), "--no-save", *(["--quick"] if quick else [])]
-        )
+        run_args = parse_args([*flags, *shared_flags])
         _, report = finetune(run_args)
         rows.append(
             {
@@ -99,10 +108,10 @@ def main(argv=None) -> list[dict]:
 
     stem = "experiments-quick" if quick else "experiments"
     payload = {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    write_json(args.out_dir / f"{stem}.json", payload)
-    with atomic_path(args.out_dir / f"{stem}.md") as tmp:
+    write_json(out_dir / f"{stem}.json", payload)
+    with atomic_path(out_dir / f"{stem}.md") as tmp:
         tmp.write_text(table)
-    print(f"wrote {args.out_dir / stem}.md and .json")
+    print(f"wrote {out_dir / stem}.md and .json")
     return rows
 
 

@@ -1,13 +1,15 @@
 """Finetune a GPT model as a spam classifier, end to end (ch06).
 
     python ch06/finetune_classifier.py            # pretrained GPT-2 small, the book's settings
-    python ch06/finetune_classifier.py --quick    # a small random GPT, two epochs, about a minute on a CPU
+    python ch06/finetune_classifier.py --quick    # a small random GPT, two epochs
+    python ch06/finetune_classifier.py --quick --device cpu --out-dir my-run
 
 Steps: balance and split the SMS Spam Collection, tokenise, swap the head for a classifier,
 freeze all but the top blocks, train with ``shared.train.train_model`` and the classification
-loss, then report accuracies (JSON) and save the classifier. OpenAI's GPT-2 weights are
-downloaded when possible; offline (or with ``--quick``) a small randomly initialised GPT,
-trained on all layers, stands in, and the report says so.
+loss, then report accuracies (``report.json``) and save the classifier, into a new folder
+``ch06/runs/finetune_classifier/<date>-<time>/`` unless ``--out-dir`` names one. OpenAI's GPT-2
+weights are downloaded when possible; offline (or with ``--quick``) a small randomly
+initialised GPT, trained on all layers, stands in, and the report says so.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 import torch
 
 from shared import classification as cls
-from shared.data import data_dir
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import make_optimizer, train_model
-from shared.utils import get_device, is_quick, set_seed, write_json
+from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
+from shared.weights import load_gpt2_or_standin
 
+HERE = Path(__file__).resolve().parent
 PADDINGS = ("dynamic", "longest", "context")
 
 
@@ -53,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--max-length", type=int, default=None, help="truncate messages (default: the context length)"
+        "--context-length",
+        type=int,
+        default=None,
+        help="truncate messages to this many tokens (default: the model's context length)",
     )
     parser.add_argument(
         "--padding",
@@ -68,21 +74,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--quick", action="store_true", help="toy sizes (also LLMS_QUICK=1)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: <data dir>/spam-classifier")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: a new folder in ch06/runs/finetune_classifier/"
+    )
     parser.add_argument("--no-save", action="store_true", help="do not save the model")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     return parser.parse_args(argv)
 
 
+def spam_loaders(args: argparse.Namespace, model_context_length: int) -> tuple[dict, int]:
+    """Train/validation/test loaders of the balanced split, and the length messages are cut to.
+
+    The split is the same every time (seed 123), whatever the training seed.
+    """
+    tokenizer = get_gpt2_tokenizer()
+    paths = cls.prepare_spam_splits()
+    context_length = min(args.context_length or model_context_length, model_context_length)
+    train_set = cls.SpamDataset(paths["train"], tokenizer, context_length=context_length)
+    if args.padding == "longest":  # the book: pad to (and truncate at) the longest training message
+        context_length = train_set.longest
+    pad_to = {"dynamic": None, "longest": context_length, "context": context_length}[args.padding]
+    datasets = {
+        "train": train_set,
+        "validation": cls.SpamDataset(paths["validation"], tokenizer, context_length=context_length),
+        "test": cls.SpamDataset(paths["test"], tokenizer, context_length=context_length),
+    }
+    loaders = {
+        name: cls.create_classification_loader(
+            data, args.batch_size, shuffle=name == "train", drop_last=name == "train", pad_to=pad_to
+        )
+        for name, data in datasets.items()
+    }
+    return loaders, context_length
+
+
 def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Run the whole pipeline; return the trained classifier and the report."""
     quick = args.quick or is_quick()
-    device = get_device()
+    device = get_device(args.device)
     set_seed(args.seed)
     started = time.perf_counter()
 
     want_pretrained = not quick and args.model_size != "small-random"
-    model, description, pretrained = cls.load_base_model(
+    model, description, pretrained = load_gpt2_or_standin(
         args.model_size if args.model_size != "small-random" else "gpt2-small", pretrained=want_pretrained
     )
     print(f"model: {description}")
@@ -91,21 +126,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     lr = args.lr if args.lr is not None else (5e-5 if pretrained else 1e-3)
     epochs = args.epochs if args.epochs is not None else (2 if quick else 5)
 
-    # Data: the same balanced 70/10/20 split every time (seed 123), whatever the training seed.
-    tokenizer = get_gpt2_tokenizer()
-    paths = cls.prepare_spam_splits()
-    context = model.context_length
-    max_length = min(args.max_length or context, context)
-    train_set = cls.SpamDataset(paths["train"], tokenizer, max_length=max_length)
-    if args.padding == "longest":  # the book: pad to (and truncate at) the longest training message
-        max_length = train_set.longest
-    pad_to = {"dynamic": None, "longest": max_length, "context": max_length}[args.padding]
-    datasets = {
-        "train": train_set,
-        "validation": cls.SpamDataset(paths["validation"], tokenizer, max_length=max_length),
-        "test": cls.SpamDataset(paths["test"], tokenizer, max_length=max_length),
-    }
-
+    loaders, context_length = spam_loaders(args, model.context_length)
     set_seed(args.seed)  # the head's initialisation and the shuffling depend on the seed only
     cls.make_classifier(
         model,
@@ -115,12 +136,6 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         causal=not args.no_causal_mask,
     )
     model.to(device)
-    loaders = {
-        name: cls.create_classification_loader(
-            data, args.batch_size, shuffle=name == "train", drop_last=name == "train", pad_to=pad_to
-        )
-        for name, data in datasets.items()
-    }
     trainable, total = cls.count_trainable(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
 
@@ -164,7 +179,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             "lr": lr,
             "weight_decay": args.weight_decay,
             "batch_size": args.batch_size,
-            "max_length": max_length,
+            "context_length": context_length,
             "padding": args.padding,
             "seed": args.seed,
         },
@@ -183,8 +198,8 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    out_dir = run_dir(args.out_dir, HERE / "runs" / "finetune_classifier")
     model, report = finetune(args)
-    out_dir = args.out_dir or data_dir() / "spam-classifier"
     if not args.no_save:
         cls.save_classifier(model, out_dir)
         report["saved_to"] = str(out_dir)

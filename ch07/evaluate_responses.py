@@ -3,16 +3,17 @@
 The input is what ``ch07/finetune_instructions.py`` writes: a list of entries with
 ``instruction``, ``input``, ``output`` (the reference) and a response (``--response-key``,
 default ``model_response``). Prints the averages, the judge's unscored count and a histogram of
-its scores, and writes a JSON report.
+its scores, and writes a JSON report, ``<responses>-report.json``, next to the responses (inside
+the finetuning run's folder) or into ``--out-dir``.
 
 Examples::
 
-    python ch07/evaluate_responses.py ch07/outputs/test-responses.json
-    python ch07/evaluate_responses.py ch07/outputs/test-responses.json --judge-url http://localhost:11434
+    python ch07/evaluate_responses.py ch07/runs/finetune_instructions/<run>/test-responses.json
+    python ch07/evaluate_responses.py <run>/test-responses.json --judge-url http://localhost:11434
     python ch07/evaluate_responses.py responses.json --judge-url http://localhost:8080/v1 --judge-model qwen2.5
 
 With ``--judge-url`` and no server there, the offline metrics are still reported, with a note on
-how to start a judge server; the exit code is then 2.
+how to start a judge server; the exit code is then 2 (1 for any other error).
 """
 
 from __future__ import annotations
@@ -23,14 +24,8 @@ import sys
 from pathlib import Path
 
 from shared.data import DataValidationError, validate_instruction_entries
-from shared.instruction import (
-    DEFAULT_JUDGE_MODEL,
-    PROMPT_STYLES,
-    exact_match,
-    make_judge,
-    rouge_l,
-    score_responses,
-)
+from shared.instruction import PROMPT_STYLES, exact_match, rouge_l
+from shared.judge import DEFAULT_JUDGE_MODEL, make_judge, score_responses
 from shared.utils import write_json
 
 
@@ -46,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--style", default="alpaca", choices=PROMPT_STYLES, help="how the judge sees the task"
     )
-    parser.add_argument("--out", type=Path, help="report JSON (default: <responses>-report.json)")
+    parser.add_argument(
+        "--out-dir", type=Path, help="folder for <responses>-report.json (default: the responses' folder)"
+    )
     return parser.parse_args(argv)
 
 
@@ -116,7 +113,7 @@ def main(argv=None) -> int:
             ):
                 row.update(judge_score=score, judge_reply=reply, judge_error=error)
 
-    out = args.out or args.responses.with_name(args.responses.stem + "-report.json")
+    out = (args.out_dir or args.responses.parent) / f"{args.responses.stem}-report.json"
     write_json(out, report)
     print(f"wrote {out}")
     return status

@@ -5,6 +5,8 @@ tokenise it in the chosen prompt style, load the pretrained model, finetune it w
 ``shared.train.train_model``, answer the 110 test instructions with batched greedy generation,
 and write
 
+into ``--out-dir`` (default: a new folder ``ch07/runs/finetune_instructions/<date>-<time>/``):
+
 - ``<out-dir>/model/`` the finetuned model as a GPT-2 checkpoint (config.json + model.safetensors),
 - ``<out-dir>/test-responses.json`` the test entries with a ``model_response`` each,
 - ``<out-dir>/finetune-report.json`` losses, timings and the settings used.
@@ -14,7 +16,7 @@ Examples::
     python ch07/finetune_instructions.py                          # GPT-2 medium, the book's settings
     python ch07/finetune_instructions.py --model gpt2-small --epochs 1
     python ch07/finetune_instructions.py --model-dir path/to/gpt2-checkpoint --style phi3 --mask-instructions
-    python ch07/finetune_instructions.py --quick                  # tiny random model, seconds
+    python ch07/finetune_instructions.py --quick --device cpu     # tiny random model
 
 Without network (no GPT-2 weights) the script falls back to a tiny random model and says so.
 Score the responses afterwards with ``ch07/evaluate_responses.py``.
@@ -34,23 +36,23 @@ from shared.data import load_instruction_data
 from shared.instruction import (
     PRETRAINED_LR,
     PROMPT_STYLES,
+    SMALL_MODEL_CONFIG,
     SMALL_MODEL_LR,
     InstructionDataset,
     collate_fn,
     format_prompt,
     generate_responses,
-    load_base_model,
     split_entries,
 )
 from shared.model import GPT_CONFIGS
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import calc_loss_loader, make_optimizer, train_model
-from shared.utils import get_device, is_quick, set_seed, write_json
-from shared.weights import save_hf_gpt2
+from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
+from shared.weights import load_gpt2_or_standin, save_hf_gpt2
 
 HERE = Path(__file__).resolve().parent
 
-# Quick mode shrinks the data and the generation length (the tiny model is chosen in load_base_model).
+# Quick mode shrinks the data and the generation length, and finetunes the tiny stand-in model.
 QUICK_SIZES = {"train": 160, "val": 24, "test": 110, "max_new_tokens": 24}
 
 
@@ -59,16 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="gpt2-medium", choices=list(GPT_CONFIGS), help="GPT-2 size to download"
     )
-    parser.add_argument(
-        "--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download"
-    )
+    parser.add_argument("--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="AdamW learning rate (default 5e-5 for GPT-2, 1e-3 for the tiny model)",
-    )
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5 GPT-2, 1e-3 tiny model)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--style", default="alpaca", choices=PROMPT_STYLES, help="prompt format")
@@ -78,17 +73,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train on the responses only (prompt targets ignored)",
     )
     parser.add_argument(
-        "--max-length",
+        "--context-length",
         type=int,
         default=None,
-        help="truncate training sequences (default: the model's context)",
+        help="truncate training sequences to this many tokens (default: the model's context length)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each response")
     parser.add_argument("--eval-freq", type=int, default=5, help="evaluate every N optimizer steps")
     parser.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
     parser.add_argument("--quick", action="store_true", help="tiny model and data subset (also LLMS_QUICK=1)")
     parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--out-dir", type=Path, default=HERE / "outputs", help="where results go")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: a new folder in ch07/runs/finetune_instructions/"
+    )
     args = parser.parse_args(argv)
     args.quick = args.quick or is_quick()
     for name in ("epochs", "batch_size", "max_new_tokens", "eval_freq", "eval_iter"):
@@ -100,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
-    device = get_device()
+    device = get_device(args.device)
+    out_dir = run_dir(args.out_dir, HERE / "runs" / "finetune_instructions")
     tokenizer = get_gpt2_tokenizer()
 
     train_data, test_data, val_data = split_entries(load_instruction_data())
@@ -110,15 +109,19 @@ def main(argv=None) -> dict:
         args.max_new_tokens = min(args.max_new_tokens, QUICK_SIZES["max_new_tokens"])
     print(f"train {len(train_data)}, validation {len(val_data)}, test {len(test_data)} entries")
 
-    model, description, pretrained = load_base_model(
-        args.model, args.model_dir, small=args.quick, seed=args.seed
+    model, description, pretrained = load_gpt2_or_standin(
+        args.model,
+        pretrained=not args.quick,
+        model_dir=args.model_dir,
+        standin_config=SMALL_MODEL_CONFIG,
+        seed=args.seed,
     )
     model.to(device)
     args.lr = args.lr or (PRETRAINED_LR if pretrained else SMALL_MODEL_LR)
     print(f"model: {description}; learning rate {args.lr}")
-    max_length = args.max_length or model.context_length
+    context_length = args.context_length or model.context_length
     collate = functools.partial(
-        collate_fn, allowed_max_length=max_length, device=device, mask_instructions=args.mask_instructions
+        collate_fn, context_length=context_length, device=device, mask_instructions=args.mask_instructions
     )
     loader = functools.partial(DataLoader, batch_size=args.batch_size, collate_fn=collate, num_workers=0)
     train_loader = loader(InstructionDataset(train_data, tokenizer, args.style), shuffle=True, drop_last=True)
@@ -156,10 +159,9 @@ def main(argv=None) -> dict:
     generate_seconds = time.perf_counter() - start
     print(f"generated {len(responses)} responses in {generate_seconds:.1f} s")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_hf_gpt2(model, args.out_dir / "model")
+    save_hf_gpt2(model, out_dir / "model")
     write_json(
-        args.out_dir / "test-responses.json",
+        out_dir / "test-responses.json",
         [{**entry, "model_response": response} for entry, response in zip(test_data, responses, strict=True)],
     )
     report = {
@@ -174,8 +176,8 @@ def main(argv=None) -> dict:
         "train_seconds": train_seconds,
         "generate_seconds": generate_seconds,
     }
-    write_json(args.out_dir / "finetune-report.json", report)
-    print(f"wrote {args.out_dir / 'model'}, {args.out_dir / 'test-responses.json'} and finetune-report.json")
+    write_json(out_dir / "finetune-report.json", report)
+    print(f"wrote {out_dir / 'model'}, {out_dir / 'test-responses.json'} and finetune-report.json")
     return report
 
 

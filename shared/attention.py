@@ -9,7 +9,8 @@ The layer also takes an optional :class:`KVCache`, so that generation (ch04) fee
 new tokens and reuses the keys and values of the earlier ones, and an optional key padding
 mask, so that prompts of different lengths can share a batch when they are padded on the left
 (ch07's batched response generation). Without a padding mask nothing changes: the usual case
-stays on SDPA's mask-free causal kernel.
+stays on SDPA's mask-free causal kernel. ``causal=False`` lets every token attend to every
+(real) token, as a bidirectional encoder does (ch06 tries it for classification).
 """
 
 from __future__ import annotations
@@ -66,13 +67,20 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Attend causally over ``x`` (batch, tokens, d_in), after the cached tokens if a cache is given.
 
         ``key_padding_mask`` (batch, cached + new tokens), True (or 1) for real tokens and False for
         padding, keeps every query away from padded keys. A padded query still sees itself, so
         its softmax is never empty (which would give NaN and spread through the cache).
+
+        ``causal=False`` drops the causal mask: every query sees every real key (all keys when a
+        row has no real token at all). It takes whole sequences, so no cache.
         """
         if x.ndim != 3 or x.shape[-1] != self.qkv.in_features:
             raise ValueError(
@@ -81,6 +89,11 @@ class MultiHeadAttention(nn.Module):
             )
         batch, num_tokens, _ = x.shape
         past = len(cache) if cache is not None else 0
+        if not causal and cache is not None:
+            raise ValueError(
+                "causal=False attends over whole sequences and takes no cache; a cache is for "
+                "generation, which is causal."
+            )
         if past + num_tokens > self.context_length:
             raise ValueError(
                 f"{past + num_tokens} tokens exceed the context length of {self.context_length}; "
@@ -94,7 +107,14 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.append(keys, values)
 
         dropout_p = self.dropout if self.training else 0.0
-        if key_padding_mask is not None:
+        if not causal:
+            allowed = None
+            if key_padding_mask is not None:
+                allowed = self._padding_mask(key_padding_mask, batch, num_tokens, x.device)
+            context = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p
+            )
+        elif key_padding_mask is not None:
             allowed = self._padded_causal_mask(key_padding_mask, batch, past, num_tokens, x.device)
             context = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=allowed, dropout_p=dropout_p
@@ -118,14 +138,23 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context)
 
     @staticmethod
-    def _padded_causal_mask(key_padding_mask, batch, past, num_tokens, device) -> torch.Tensor:
-        """(batch, 1, queries, keys) bool: causal, no padded keys, but always the query's own key."""
-        total = past + num_tokens
+    def _check_padding_mask(key_padding_mask, batch: int, total: int) -> None:
         if tuple(key_padding_mask.shape) != (batch, total):
             raise ValueError(
                 f"key_padding_mask must have shape (batch, cached + new tokens) = {(batch, total)}, "
                 f"got {tuple(key_padding_mask.shape)}."
             )
+
+    def _padding_mask(self, key_padding_mask, batch, num_tokens, device) -> torch.Tensor:
+        """(batch, 1, 1, keys) bool: every real key; a row without any real key keeps all its keys."""
+        self._check_padding_mask(key_padding_mask, batch, num_tokens)
+        real_keys = key_padding_mask.to(device=device, dtype=torch.bool)
+        return (real_keys | ~real_keys.any(dim=1, keepdim=True))[:, None, None, :]
+
+    def _padded_causal_mask(self, key_padding_mask, batch, past, num_tokens, device) -> torch.Tensor:
+        """(batch, 1, queries, keys) bool: causal, no padded keys, but always the query's own key."""
+        total = past + num_tokens
+        self._check_padding_mask(key_padding_mask, batch, total)
         query_pos = torch.arange(past, total, device=device).unsqueeze(1)  # query i sits at past + i
         key_pos = torch.arange(total, device=device).unsqueeze(0)
         causal = key_pos <= query_pos

@@ -35,13 +35,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from shared.data import data_dir, load_sms_spam
 from shared.model import GPTModel
-from shared.tokenizer import encode_text
+from shared.tokenizer import GPT2_EOT_ID, encode_text
 from shared.utils import atomic_path, eval_mode, write_json
-from shared.weights import BaseModel, load_gpt2_or_standin
 
 LABELS = ("ham", "spam")  # class id -> name: 0 is ham, 1 is spam
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+PAD_TOKEN_ID = GPT2_EOT_ID  # GPT-2's <|endoftext|>
 POOLINGS = ("last", "first", "mean", "last_position")
 SPLIT_NAMES = ("train", "validation", "test")
 SPLITS_FOLDER = "sms-spam-splits"
@@ -109,8 +109,6 @@ def prepare_spam_splits(folder: str | os.PathLike | None = None, seed: int = 123
     The files (``train.csv``, ``validation.csv``, ``test.csv``, columns ``Label`` as 0/1 and
     ``Text``) go to ``folder`` (default: ``<data dir>/sms-spam-splits``). Returns their paths.
     """
-    from shared.data import data_dir, load_sms_spam
-
     folder = Path(folder) if folder is not None else data_dir() / SPLITS_FOLDER
     balanced = balanced_subset(load_sms_spam(), seed=seed)
     balanced = balanced.assign(Label=label_ids(balanced["Label"]))
@@ -135,27 +133,27 @@ def read_split(path: str | os.PathLike):
 
 
 class SpamDataset(Dataset):
-    """Labelled messages as token ids, truncated to ``max_length`` tokens and left unpadded.
+    """Labelled messages as token ids, truncated to ``context_length`` tokens and left unpadded.
 
     ``data`` is a CSV path or a DataFrame with columns ``Label`` (ham/spam or 0/1) and ``Text``.
     Items are ``(token ids, label)`` tensors of varying length; a collate function pads them.
     """
 
-    def __init__(self, data, tokenizer, max_length: int | None = None):
+    def __init__(self, data, tokenizer, context_length: int | None = None):
         frame = read_split(data) if isinstance(data, (str, os.PathLike)) else data
         missing = {"Label", "Text"} - set(frame.columns)
         if missing:
             raise ValueError(f"the table lacks the columns {sorted(missing)}; it needs Label and Text.")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be at least 1 token, got {max_length}.")
+        if context_length is not None and context_length < 1:
+            raise ValueError(f"context_length must be at least 1 token, got {context_length}.")
         self.labels = label_ids(frame["Label"])
         self.encoded_texts = [encode_text(tokenizer, str(text)) for text in frame["Text"]]
         for row, ids in enumerate(self.encoded_texts):
             if not ids:
                 raise ValueError(f"row {row} has an empty message; drop it before building the dataset.")
-        if max_length is not None:
-            self.encoded_texts = [ids[:max_length] for ids in self.encoded_texts]
-        self.max_length = max_length
+        if context_length is not None:
+            self.encoded_texts = [ids[:context_length] for ids in self.encoded_texts]
+        self.context_length = context_length
 
     @property
     def longest(self) -> int:
@@ -182,7 +180,7 @@ def pad_batch(sequences, pad_token_id: int = PAD_TOKEN_ID, pad_to: int | None = 
     if longest > length:
         raise ValueError(
             f"a sequence has {longest} tokens, more than pad_to={pad_to}; truncate the dataset "
-            "(SpamDataset(max_length=...)) to at most pad_to tokens."
+            "(SpamDataset(context_length=...)) to at most pad_to tokens."
         )
     batch = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -235,7 +233,6 @@ def make_classifier(
     model: GPTModel,
     num_classes: int = 2,
     trainable_blocks: int | str = 1,
-    train_final_norm: bool | None = None,
     pooling: str = "last",
     causal: bool = True,
     pad_token_id: int = PAD_TOKEN_ID,
@@ -244,8 +241,8 @@ def make_classifier(
 
     - The vocabulary head becomes ``nn.Linear(emb_dim, num_classes)`` (``num_classes=1``: one
       logit for a sigmoid and binary cross-entropy).
-    - Only the last ``trainable_blocks`` transformer blocks, the final norm (``train_final_norm``,
-      default: when any block trains) and the new head keep ``requires_grad``;
+    - Only the last ``trainable_blocks`` transformer blocks, the final norm (when any block
+      trains) and the new head keep ``requires_grad``;
       ``trainable_blocks="all"`` trains every parameter, embeddings included.
     - ``pooling`` is the position the prediction is read from: "last" real token, "first" token,
       "mean" over real tokens, or "last_position" (the final column, pad or not: the book's read);
@@ -271,9 +268,7 @@ def make_classifier(
     if trainable_blocks != "all":
         for block in list(model.trf_blocks)[n_layers - trainable_blocks :]:
             block.requires_grad_(True)
-        model.final_norm.requires_grad_(
-            trainable_blocks > 0 if train_final_norm is None else train_final_norm
-        )
+        model.final_norm.requires_grad_(trainable_blocks > 0)
     model.classification = {
         "num_classes": num_classes,
         "pooling": pooling,
@@ -335,32 +330,6 @@ def pool_positions(
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
 
 
-def _attend_without_causal_mask(att: nn.Module, x: torch.Tensor, key_is_real: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention where every token sees every real token (pads are masked as keys)."""
-    batch, num_tokens, _ = x.shape
-    qkv = att.qkv(x).view(batch, num_tokens, 3, att.num_heads, att.head_dim)
-    queries, keys, values = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    context = F.scaled_dot_product_attention(
-        queries,
-        keys,
-        values,
-        attn_mask=key_is_real[:, None, None, :],  # (batch, 1 head, 1 query, keys): broadcast
-        dropout_p=att.dropout if att.training else 0.0,
-    )
-    return att.out_proj(context.transpose(1, 2).reshape(batch, num_tokens, att.d_out))
-
-
-def forward_without_causal_mask(model: GPTModel, input_ids: torch.Tensor, pad_token_id: int = PAD_TOKEN_ID):
-    """GPTModel's forward pass with bidirectional attention over the real tokens (LLM2Vec's idea)."""
-    key_is_real = real_token_mask(input_ids, pad_token_id)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    x = model.drop_emb(model.tok_emb(input_ids) + model.pos_emb(positions))
-    for block in model.trf_blocks:
-        x = x + block.drop_shortcut(_attend_without_causal_mask(block.att, block.norm1(x), key_is_real))
-        x = x + block.drop_shortcut(block.ff(block.norm2(x)))
-    return model.out_head(model.final_norm(x))
-
-
 def classifier_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Class logits (batch, num_classes) of right-padded token ids, read where the model's settings say.
 
@@ -369,8 +338,9 @@ def classifier_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
     settings = classifier_settings(model)
     if settings["causal"]:
         per_position = model(input_ids)
-    else:
-        per_position = forward_without_causal_mask(model, input_ids, settings["pad_token_id"])
+    else:  # every token attends to every real token (LLM2Vec's idea); padding is masked as keys
+        real = real_token_mask(input_ids, settings["pad_token_id"])
+        per_position = model(input_ids, attention_mask=real, causal=False)
     return pool_positions(per_position, input_ids, settings["pooling"], settings["pad_token_id"])
 
 
@@ -404,13 +374,16 @@ def classification_loss(input_batch, target_batch, model, device) -> torch.Tenso
     return loss_from_logits(classifier_logits(model, input_batch), target_batch)
 
 
-def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = None) -> float:
-    """Accuracy over the first ``num_batches`` batches (all when None), in eval mode without gradients."""
+def calc_accuracy_loader(data_loader, model, device=None, num_batches: int | None = None) -> float:
+    """Accuracy over the first ``num_batches`` batches (all when None), in eval mode without gradients.
+
+    The batches go to ``device`` (default: where the model is)."""
     if len(data_loader) == 0:
         raise ValueError(
             "the data loader has no batches (an empty split, or drop_last with too few examples)."
         )
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    device = device if device is not None else next(model.parameters()).device
     correct, seen = torch.zeros((), device=device), 0
     with eval_mode(model), torch.no_grad():
         for i, (input_batch, target_batch) in enumerate(data_loader):
@@ -423,7 +396,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = N
     return correct.item() / seen
 
 
-def accuracy_callback(loaders: dict, device, num_batches: int | None = None):
+def accuracy_callback(loaders: dict, device=None, num_batches: int | None = None):
     """An ``epoch_end`` callback for ``train_model``: ``{"<name>_acc": accuracy}`` for each loader."""
 
     def epoch_end(epoch: int, model: nn.Module) -> dict:
@@ -440,11 +413,12 @@ def accuracy_callback(loaders: dict, device, num_batches: int | None = None):
 # ---------------------------------------------------------------------------------------
 
 
-def classify_text(text, model, tokenizer, device=None, max_length: int | None = None):
+def classify_text(text, model, tokenizer, device=None, context_length: int | None = None):
     """Classify one message (-> "spam" or "ham") or a list of them (-> a list, one batch).
 
     Text longer than the model's context length (its position-embedding table, not its
-    embedding width) or than ``max_length`` is truncated to its first tokens.
+    embedding width) or than ``context_length`` is truncated to its first tokens. ``device=None``:
+    where the model is.
     """
     single = isinstance(text, str)
     texts = [text] if single else list(text)
@@ -461,10 +435,10 @@ def classify_text(text, model, tokenizer, device=None, max_length: int | None = 
             f"the model's head has {settings['num_classes']} outputs; classify_text needs a spam/ham "
             "head with 2 outputs (or 1 for a sigmoid). Call make_classifier(model) first."
         )
-    context_length = model.pos_emb.weight.shape[0]  # positions the model has embeddings for
-    limit = context_length if max_length is None else min(max_length, context_length)
+    model_context = model.pos_emb.weight.shape[0]  # positions the model has embeddings for
+    limit = model_context if context_length is None else min(context_length, model_context)
     if limit < 1:
-        raise ValueError(f"max_length must be at least 1 token, got {max_length}.")
+        raise ValueError(f"context_length must be at least 1 token, got {context_length}.")
     device = device if device is not None else next(model.parameters()).device
     input_ids = pad_batch([encode_text(tokenizer, t)[:limit] for t in texts], settings["pad_token_id"])
 
@@ -491,8 +465,11 @@ def save_classifier(model: GPTModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu") -> GPTModel:
-    """The classifier :func:`save_classifier` wrote, in eval mode, with its trainable flags restored."""
+def load_classifier(folder: str | os.PathLike, device: str | torch.device | None = None) -> GPTModel:
+    """The classifier :func:`save_classifier` wrote, in eval mode, with its trainable flags restored.
+
+    The weights are read onto ``device`` (default: the CPU, where PyTorch makes tensors).
+    """
     folder = Path(folder)
     for needed in (CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE):
         if not (folder / needed).is_file():
@@ -511,7 +488,7 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
         causal=settings["causal"],
         pad_token_id=settings["pad_token_id"],
     )
-    state = load_file(folder / CLASSIFIER_WEIGHTS_FILE, device=str(device))
+    state = load_file(folder / CLASSIFIER_WEIGHTS_FILE, device=str(device) if device is not None else "cpu")
     expected = set(model.state_dict())
     if set(state) != expected:
         raise ValueError(
@@ -520,13 +497,3 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
         )
     model.load_state_dict(state, assign=True)
     return model.eval()
-
-
-# ---------------------------------------------------------------------------------------
-# The model to start from
-# ---------------------------------------------------------------------------------------
-
-def load_base_model(size: str = "gpt2-small", pretrained: bool = True) -> BaseModel:
-    """(model, description, is_pretrained) to build a classifier on: OpenAI's GPT-2 when asked for
-    and obtainable, else the small random stand-in (:func:`shared.weights.load_gpt2_or_standin`)."""
-    return load_gpt2_or_standin(size, pretrained=pretrained)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shared.model import check_token_ids
-from shared.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+from shared.tokenizer import END_OF_TEXT, check_token_ids, get_gpt2_tokenizer
 
 
 class GPTDataset(Dataset):
@@ -69,6 +68,10 @@ def create_dataloader(
     vocab_size: int | None = None,
 ) -> DataLoader:
     """Batches of (inputs, targets), each of shape (batch_size, max_length).
+
+    ``max_length`` is the window length, what the rest of the course calls ``context_length``;
+    this function and :class:`GPTDataset` keep the book's ch02 name, which the ch02, ch05 and
+    appendix D notebooks use.
 
     ``text_or_ids`` is raw text (tokenized here with GPT-2's tokenizer, ``<|endoftext|>``
     allowed as a document separator) or a sequence/tensor of token ids, checked against

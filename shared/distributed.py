@@ -89,13 +89,14 @@ def read_launch_environment(environ: Mapping[str, str] | None = None) -> tuple[i
     return rank, local_rank, world_size
 
 
-def _device_for(local_rank: int) -> torch.device:
+def _device_for(local_rank: int, prefer: str | None = None) -> torch.device:
     """One GPU per process (picked by LOCAL_RANK) when CUDA is in use, else the CPU.
 
     Apple's MPS has no collective-communication backend, so data-parallel runs there use the CPU.
-    ``LLMS_DEVICE=cpu`` forces the CPU on a GPU machine too (see ``shared.utils.get_device``).
+    ``prefer="cpu"`` (or ``LLMS_DEVICE=cpu``) forces the CPU on a GPU machine too (see
+    ``shared.utils.get_device``); a GPU index in ``prefer`` is ignored, LOCAL_RANK picks the GPU.
     """
-    if get_device().type != "cuda":
+    if get_device(prefer).type != "cuda":
         return torch.device("cpu")
     visible = torch.cuda.device_count()
     if local_rank >= visible:
@@ -107,16 +108,20 @@ def _device_for(local_rank: int) -> torch.device:
 
 
 @contextmanager
-def distributed_session(timeout: timedelta = timedelta(minutes=5)) -> Iterator[DistributedInfo]:
+def distributed_session(
+    device: str | None = None, timeout: timedelta = timedelta(minutes=5)
+) -> Iterator[DistributedInfo]:
     """Join the process group for the body of a ``with`` block, and always leave it.
 
     Under torchrun every process connects to the others through the address torchrun chose
     (``MASTER_ADDR``/``MASTER_PORT``). Started plainly, the script forms a group of one
     in-process, so the same code (``DistributedDataParallel`` included) runs unchanged.
-    ``timeout`` bounds how long a collective waits for a process that crashed or never came.
+    ``device`` ("cpu" or "cuda"; default: CUDA when there is a GPU) is the kind of device each
+    process trains on. ``timeout`` bounds how long a collective waits for a process that crashed
+    or never came.
     """
     rank, local_rank, world_size = read_launch_environment()
-    device = _device_for(local_rank)
+    device = _device_for(local_rank, device)
     backend = choose_backend(device)
     if device.type == "cuda":
         # Before init: NCCL binds each process to the GPU that is current when it starts.
@@ -195,7 +200,7 @@ def _stop_process_tree(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def run_process_tree(
+def _run_process_group(
     command: Sequence[str],
     timeout: float,
     cwd: str | Path | None = None,
@@ -245,7 +250,8 @@ def launch_torchrun(
     """Run ``python -m torch.distributed.run --standalone --nproc_per_node=N script ...``.
 
     ``--standalone`` lets torchrun pick a free port on this machine, so several runs (say, two
-    test sessions) never collide. The run is bounded by ``timeout`` as in :func:`run_process_tree`.
+    test sessions) never collide. After ``timeout`` seconds (or an interrupt) torchrun and every
+worker it started are killed and TimeoutError says so; the output comes back in ``.stdout``.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be at least 1, got {nproc_per_node}.")
@@ -258,4 +264,4 @@ def launch_torchrun(
         str(script),
         *map(str, script_args),
     ]
-    return run_process_tree(command, timeout=timeout, cwd=cwd, env=env)
+    return _run_process_group(command, timeout=timeout, cwd=cwd, env=env)

@@ -13,15 +13,16 @@ import numbers
 
 import torch
 
-from shared.model import GPTModel, check_token_ids
+from shared.model import GPTModel
+from shared.tokenizer import check_token_ids
 
 
 def generate_text_simple(
-    model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int
+    model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_length: int
 ) -> torch.Tensor:
     """The ch04 teaching version: greedy decoding, whole sequence recomputed every step."""
     for _ in range(max_new_tokens):
-        window = idx[:, -context_size:]  # the model sees at most context_size tokens
+        window = idx[:, -context_length:]  # the model sees at most context_length tokens
         with torch.no_grad():
             logits = model(window)
         next_id = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (batch, 1)
@@ -43,7 +44,7 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
 
 
-def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id):
+def _check_arguments(model, idx, max_new_tokens, context_length, temperature, top_k, top_p, eos_id):
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(
             f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}."
@@ -51,11 +52,11 @@ def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     limit = model.context_length
-    if context_size is None:
-        context_size = limit
-    if not 1 <= context_size <= limit:
+    if context_length is None:
+        context_length = limit
+    if not 1 <= context_length <= limit:
         raise ValueError(
-            f"context_size must be between 1 and the model's context length {limit}, got {context_size}."
+            f"context_length must be between 1 and the model's context length {limit}, got {context_length}."
         )
     _check_sampling(temperature, top_k, top_p)
     vocab_size = model.cfg["vocab_size"]
@@ -65,7 +66,7 @@ def _check_arguments(model, idx, max_new_tokens, context_size, temperature, top_
             f"eos_id must be a token id from 0 to {vocab_size - 1} (the model's vocabulary), got {eos_id!r}; "
             "an id the model can never produce would never stop generation."
         )
-    return context_size
+    return context_length
 
 
 def next_token(
@@ -101,7 +102,7 @@ def generate(
     model: GPTModel,
     idx: torch.Tensor,
     max_new_tokens: int,
-    context_size: int | None = None,
+    context_length: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -110,15 +111,15 @@ def generate(
 ) -> torch.Tensor:
     """Extend each row of ``idx`` (batch, tokens) by up to ``max_new_tokens`` ids; return (batch, tokens + n).
 
-    - The model sees at most ``context_size`` tokens (default: its context length); longer
-      sequences are cropped to their last ``context_size`` tokens.
+    - The model sees at most ``context_length`` tokens (default: its context length); longer
+      sequences are cropped to their last ``context_length`` tokens.
     - ``temperature=0`` is greedy decoding; see :func:`next_token` for sampling.
     - ``eos_id`` (an id of the model's vocabulary): once a row produces it, that row is finished. The eos token is kept, and every
       later position of a finished row is filled with ``eos_id`` (so the batch stays
       rectangular); generation stops early when every row has finished. For one row this
       means the output ends with ``eos_id`` when it was produced.
     - ``use_cache=True`` feeds only the newest token each step, reusing the cached keys and
-      values. Positions are absolute, so once the sequence outgrows ``context_size`` a cache
+      values. Positions are absolute, so once the sequence outgrows ``context_length`` a cache
       cannot slide along with the window; from then on each step recomputes the window, exactly
       as without the cache. The tokens are the same either way.
 
@@ -130,13 +131,13 @@ def generate(
     (the padding would change what the model sees). Generate them one at a time (a batch of
     one each) or group prompts of equal length; ch07 adds padding-aware batching.
     """
-    context_size = _check_arguments(
-        model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id
+    context_length = _check_arguments(
+        model, idx, max_new_tokens, context_length, temperature, top_k, top_p, eos_id
     )
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache = None
     for _ in range(max_new_tokens):
-        if use_cache and idx.shape[1] <= context_size:
+        if use_cache and idx.shape[1] <= context_length:
             if cache is None:  # first step: run the whole prompt and fill the cache
                 cache = model.new_cache()
                 logits = model(idx, cache=cache)
@@ -144,7 +145,7 @@ def generate(
                 logits = model(idx[:, -1:], cache=cache)
         else:
             cache = None  # the window slides: recompute it whole
-            logits = model(idx[:, -context_size:])
+            logits = model(idx[:, -context_length:])
 
         next_id = next_token(logits[:, -1, :], temperature, top_k, top_p)
         if eos_id is not None:
@@ -187,8 +188,7 @@ def beam_search(
     idx: torch.Tensor,
     max_new_tokens: int,
     beam_width: int,
-    context_size: int | None = None,
-    length_penalty: float = 1.0,
+    context_length: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
@@ -201,11 +201,10 @@ def beam_search(
     - A beam that produces ``eos_id`` is finished (the eos token is kept) and leaves the beam,
       which then continues with one fewer sequence; the search stops when no beam is left or
       after ``max_new_tokens`` steps. So with ``beam_width=1`` this is exactly greedy decoding.
-    - The winner is the finished or surviving sequence with the best score
-      ``sum of log-probs / (new tokens) ** length_penalty``: 0 ranks by the raw sum (which favours
-      short sequences, since every token adds a negative term), 1 by the mean per token.
-      Without ``eos_id`` every candidate has the same length and the penalty changes nothing.
-    - ``context_size`` and the cache behave as in :func:`generate`.
+    - The winner is the finished or surviving sequence with the best mean log-probability per
+      new token (the raw sum would favour short sequences, since every token adds a negative
+      term). Without ``eos_id`` every candidate has the same length, so this is the best sum.
+    - ``context_length`` and the cache behave as in :func:`generate`.
 
     Beam search usually finds a continuation with a higher log-probability than greedy
     decoding, but not always: the greedy sequence can fall out of the beam at an early step
@@ -213,23 +212,21 @@ def beam_search(
     text: for open-ended generation it tends to repeat itself (see the ch05 notebook).
     Call ``model.eval()`` first.
     """
-    context_size = _check_arguments(model, idx, max_new_tokens, context_size, 0.0, None, None, eos_id)
+    context_length = _check_arguments(model, idx, max_new_tokens, context_length, 0.0, None, None, eos_id)
     if idx.shape[0] != 1:
         raise ValueError(
             f"beam_search decodes one prompt at a time: idx must have shape (1, tokens), got {tuple(idx.shape)}."
         )
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}.")
-    if length_penalty < 0:
-        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}.")
 
     beams = idx  # (beams alive, tokens so far)
     scores = torch.zeros(1, device=idx.device)  # summed log-probs of each alive beam's new tokens
-    finished: list[tuple[float, torch.Tensor]] = []  # (normalised score, ids)
+    finished: list[tuple[float, torch.Tensor]] = []  # (mean log-prob per new token, ids)
     cache = None
     steps_done = 0
     for step in range(max_new_tokens):
-        if use_cache and beams.shape[1] <= context_size:
+        if use_cache and beams.shape[1] <= context_length:
             if cache is None:
                 cache = model.new_cache()
                 logits = model(beams, cache=cache)
@@ -237,7 +234,7 @@ def beam_search(
                 logits = model(beams[:, -1:], cache=cache)
         else:
             cache = None
-            logits = model(beams[:, -context_size:])
+            logits = model(beams[:, -context_length:])
         logprobs = logits[:, -1, :].float().log_softmax(dim=-1)  # (beams, vocab)
 
         # Every (beam, token) extension, scored by the beam's total plus the token's log-prob.
@@ -255,8 +252,7 @@ def beam_search(
         if eos_id is not None:
             done = token == eos_id
             for row in done.nonzero().flatten().tolist():
-                normalised = float(scores[row]) / steps_done**length_penalty
-                finished.append((normalised, beams[row : row + 1]))
+                finished.append((float(scores[row]) / steps_done, beams[row : row + 1]))
             if bool(done.any()):
                 keep = (~done).nonzero().flatten()
                 beams, scores = beams.index_select(0, keep), scores.index_select(0, keep)
@@ -268,7 +264,7 @@ def beam_search(
     if steps_done == 0:
         return idx
     alive = [
-        (float(scores[row]) / steps_done**length_penalty, beams[row : row + 1])
+        (float(scores[row]) / steps_done, beams[row : row + 1])
         for row in range(beams.shape[0])
     ]
     # max() keeps the first of equal scores: alive beams come in descending order of score.

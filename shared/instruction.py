@@ -8,24 +8,16 @@ The pieces, in the order the chapter uses them:
   the instruction) from the loss with ``ignore_index``;
 - :func:`generate_responses`: greedy (or sampled) answers to many prompts at once, with prompts
   of different lengths padded on the left in one batch and a key/value cache;
-- offline metrics: :func:`rouge_l`, :func:`exact_match` and :func:`response_perplexity`;
-- LLM judges that score a response 0-100 through a local server (Ollama's ``/api/chat`` or any
-  OpenAI-compatible ``/v1/chat/completions``), using only the standard library, and
-  :func:`parse_score`, which reads the score out of the judge's reply.
+- offline metrics: :func:`rouge_l`, :func:`exact_match` and :func:`response_perplexity`.
+
+The LLM judges that score responses are in :mod:`shared.judge`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import socket
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,11 +25,11 @@ from torch.utils.data import Dataset
 
 from shared.data import validate_instruction_entries
 from shared.generate import next_token
-from shared.tokenizer import encode_text
+from shared.tokenizer import GPT2_EOT_ID, encode_text
 from shared.utils import eval_mode
-from shared.weights import STANDIN_CONFIG, BaseModel, load_gpt2_or_standin
+from shared.weights import STANDIN_CONFIG
 
-END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>: the end of every response, and the padding
+END_OF_TEXT_ID = GPT2_EOT_ID  # GPT-2's <|endoftext|>: the end of every response, and the padding
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
 
 # ---------------------------------------------------------------------------------------
@@ -151,8 +143,8 @@ def collate_fn(
     batch: Sequence,
     pad_token_id: int = END_OF_TEXT_ID,
     ignore_index: int = IGNORE_INDEX,
-    allowed_max_length: int | None = None,
-    device: str | torch.device = "cpu",
+    context_length: int | None = None,
+    device: str | torch.device | None = None,
     mask_instructions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a list of token-id lists into (inputs, targets), both (batch, length) int64 tensors.
@@ -162,16 +154,19 @@ def collate_fn(
     2. inputs = all but the last position, targets = the same shifted left by one.
     3. In the targets, every padding token after a row's own end-of-text becomes
        ``ignore_index``: the loss skips them, but still teaches the one end-of-text.
-    4. ``allowed_max_length`` cuts inputs and targets to at most that many positions.
+    4. ``context_length`` cuts inputs and targets to at most that many positions (the book calls
+       it ``allowed_max_length``).
     5. ``mask_instructions=True`` also hides the prompt: targets that are prompt tokens become
        ``ignore_index``, so only the response (and its end-of-text) is trained. The items must
        then be :class:`TokenizedExample`\\ s (as :class:`InstructionDataset` gives), which carry
        the prompt length.
+
+    The tensors are built on the CPU and moved to ``device`` when one is given.
     """
     if len(batch) == 0:
         raise ValueError("collate_fn got an empty batch; check the dataset and batch_size.")
-    if allowed_max_length is not None and allowed_max_length < 1:
-        raise ValueError(f"allowed_max_length must be >= 1 or None, got {allowed_max_length}.")
+    if context_length is not None and context_length < 1:
+        raise ValueError(f"context_length must be >= 1 or None, got {context_length}.")
     sequences, prompt_lengths = [], []
     for index, item in enumerate(batch):
         if isinstance(item, TokenizedExample):
@@ -200,8 +195,10 @@ def collate_fn(
         if mask_instructions:
             # Target j is token j + 1; it belongs to the prompt when j + 1 < prompt_length.
             targets[row, : max(prompt_length - 1, 0)] = ignore_index
-    if allowed_max_length is not None:
-        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    if context_length is not None:
+        inputs, targets = inputs[:, :context_length], targets[:, :context_length]
+    if device is None:
+        return inputs, targets
     return inputs.to(device), targets.to(device)
 
 
@@ -210,23 +207,12 @@ def collate_fn(
 # ---------------------------------------------------------------------------------------
 
 # The stand-in for GPT-2 when its weights cannot be had (offline) and in quick mode (see
-# shared.weights), with the head tied to the token embedding as in GPT-2.
+# shared.weights.load_gpt2_or_standin), with the head tied to the token embedding as in GPT-2.
 SMALL_MODEL_CONFIG = {**STANDIN_CONFIG, "tie_weights": True}
 
 # The tiny random model learns nothing at GPT-2's finetuning rate of 5e-5 in a few steps.
 SMALL_MODEL_LR = 1e-3
 PRETRAINED_LR = 5e-5
-
-
-def load_base_model(
-    size: str = "gpt2-medium", model_dir=None, small: bool = False, seed: int = 123
-) -> BaseModel:
-    """The model to finetune: a GPT-2 checkpoint folder (``model_dir``), OpenAI's GPT-2 of ``size``,
-    or with ``small=True`` (quick mode, or offline) the tiny :data:`SMALL_MODEL_CONFIG` stand-in
-    drawn from ``seed`` (:func:`shared.weights.load_gpt2_or_standin`)."""
-    return load_gpt2_or_standin(
-        size, pretrained=not small, model_dir=model_dir, standin_config=SMALL_MODEL_CONFIG, seed=seed
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +304,6 @@ def generate_responses(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 8,
-    device: str | torch.device | None = None,
     eos_id: int = END_OF_TEXT_ID,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -337,15 +322,13 @@ def generate_responses(
 
     The text of each response is the new tokens only (the prompt is cut off by position), with
     surrounding whitespace and a leading response header removed, in case the prompts did not
-    end with one. ``device`` moves the model there first (default: where it is). The model runs
-    in eval mode (dropout off) and is put back in its previous mode afterwards.
+    end with one. The model runs where it is, in eval mode (dropout off), and is put back in its
+    previous mode afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompt strings, not one string; wrap it in a list.")
-    if device is not None:
-        model.to(device)
     with eval_mode(model):
         encoded = [encode_text(tokenizer, prompt) for prompt in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -435,7 +418,7 @@ def response_perplexity(
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             inputs, targets = collate_fn(
-                items, allowed_max_length=model.context_length, device=device, mask_instructions=True
+                items, context_length=model.context_length, device=device, mask_instructions=True
             )
             logits = model(inputs)
             loss = torch.nn.functional.cross_entropy(
@@ -444,294 +427,3 @@ def response_perplexity(
             total_loss += loss.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
     return math.exp(total_loss / total_tokens)
-
-
-# ---------------------------------------------------------------------------------------
-# The judge's score
-# ---------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
-
-
-def parse_score(text: str | None) -> int | None:
-    """The score in a judge's reply: its first number, if that is between 0 and 100.
-
-    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
-    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
-    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
-    "unscored": callers count those instead of guessing.
-    """
-    if not text:
-        return None
-    match = _NUMBER.search(text)
-    if match is None:
-        return None
-    value = float(match.group())
-    if not 0 <= value <= 100:
-        return None
-    return int(round(value))
-
-
-def judge_prompt(entry: dict, response: str, style: str = "alpaca") -> str:
-    """What the judge reads: the task, the reference answer, the answer to score, and the scale."""
-    return (
-        "You are grading the answer of an assistant to an instruction.\n\n"
-        f"Instruction and input:\n{format_input(entry, style)}\n\n"
-        f"Reference answer:\n{entry['output']}\n\n"
-        f"Assistant's answer:\n{response}\n\n"
-        "Score the assistant's answer from 0 to 100, where 100 means as good as the reference answer "
-        "and 0 means wrong or unrelated. Reply with the integer only."
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Judge clients (standard library only)
-# ---------------------------------------------------------------------------------------
-
-DEFAULT_JUDGE_URL = "http://localhost:11434"  # Ollama's default address
-DEFAULT_JUDGE_MODEL = "llama3"
-
-HOW_TO_START_A_JUDGE = (
-    "To score with an LLM judge, start a local server, for example\n"
-    "  Ollama:     ollama serve   (then: ollama pull llama3)      -> url http://localhost:11434\n"
-    "  llama.cpp:  llama-server -m model.gguf --port 8080         -> url http://localhost:8080/v1\n"
-    "  vLLM, LM Studio or any OpenAI-compatible server            -> url http://HOST:PORT/v1"
-)
-
-
-class JudgeError(RuntimeError):
-    """The judge server could not be reached or gave no usable answer."""
-
-
-class Judge:
-    """A chat-completion client for a local judge server.
-
-    ``ask(prompt)`` sends one user message and returns the reply text. Each request has a
-    ``timeout`` (seconds); connection errors, timeouts and HTTP 5xx are retried up to
-    ``attempts`` times in all, waiting ``backoff``, 2 x ``backoff``, ... between tries. HTTP 4xx,
-    malformed JSON and a reply without text are not retried. Every failure raises
-    :class:`JudgeError` with a message that says what went wrong and what to do.
-    """
-
-    endpoint = ""
-    probe_endpoint = ""
-
-    def __init__(
-        self,
-        url: str = DEFAULT_JUDGE_URL,
-        model: str = DEFAULT_JUDGE_MODEL,
-        timeout: float = 60.0,
-        attempts: int = 3,
-        backoff: float = 1.0,
-        seed: int = 123,
-    ):
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {attempts}.")
-        self.base_url = url.rstrip("/")
-        self.model = model
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff = backoff
-        self.seed = seed
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={self.base_url!r}, model={self.model!r})"
-
-    # What differs between the two server kinds.
-    def payload(self, prompt: str) -> dict:
-        raise NotImplementedError
-
-    def reply_text(self, body: str) -> str:
-        raise NotImplementedError
-
-    def _request(self, url: str, data: bytes | None) -> str:
-        """One HTTP request with retries; returns the response body as text."""
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        last_problem = ""
-        for attempt in range(self.attempts):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(url, data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read().decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as error:
-                detail = error.read().decode("utf-8", errors="replace")[:200]
-                last_problem = f"HTTP {error.code} from {url}: {detail or error.reason}"
-                if error.code < 500:  # our request is wrong (e.g. unknown model): retrying will not help
-                    hint = f" Is the model {self.model!r} available on the server (ollama pull {self.model})?"
-                    raise JudgeError(last_problem + (hint if error.code == 404 else "")) from error
-            except TimeoutError as error:
-                last_problem = f"no answer from {url} within {self.timeout} s ({error})"
-            except urllib.error.URLError as error:
-                if isinstance(error.reason, (TimeoutError, socket.timeout)):
-                    last_problem = f"no answer from {url} within {self.timeout} s"
-                else:
-                    last_problem = f"cannot reach {url}: {error.reason}"
-            except (ConnectionError, OSError) as error:
-                last_problem = f"connection to {url} failed: {error}"
-        raise JudgeError(f"{last_problem} (after {self.attempts} attempts).\n{HOW_TO_START_A_JUDGE}")
-
-    def ask(self, prompt: str) -> str:
-        """Send ``prompt`` as one user message; return the judge's reply text."""
-        body = self._request(self.base_url + self.endpoint, json.dumps(self.payload(prompt)).encode())
-        return self.reply_text(body)
-
-    def check(self, timeout: float = 3.0) -> str | None:
-        """None when the server answers (one quick try), else a message saying why not and how to start one."""
-        saved = self.attempts, self.timeout
-        self.attempts, self.timeout = 1, min(timeout, self.timeout)
-        try:
-            self._request(self.base_url + self.probe_endpoint, None)
-        except JudgeError as error:
-            return str(error)
-        finally:
-            self.attempts, self.timeout = saved
-        return None
-
-
-def _load_json(text: str, what: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise JudgeError(f"the judge server sent malformed JSON for {what}: {text[:200]!r}") from error
-
-
-class OllamaJudge(Judge):
-    """Ollama's ``POST /api/chat`` (temperature 0, fixed seed). Streams of JSON lines are joined."""
-
-    endpoint = "/api/chat"
-    probe_endpoint = "/api/tags"
-
-    def payload(self, prompt: str) -> dict:
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "stream": False,
-            "options": {"temperature": 0, "seed": self.seed, "num_ctx": 2048},
-        }
-
-    def reply_text(self, body: str) -> str:
-        # Non-streaming: one JSON object. Streaming: one object per line, each with a piece.
-        lines = [line for line in body.splitlines() if line.strip()]
-        if not lines:
-            raise JudgeError("the judge server sent an empty reply.")
-        pieces = []
-        for line in lines:
-            message = _load_json(line, "an Ollama chat reply")
-            if not isinstance(message, dict):
-                raise JudgeError(f"unexpected Ollama reply: {line[:200]!r}")
-            if "error" in message:
-                raise JudgeError(f"the Ollama server reported an error: {message['error']}")
-            content = (message.get("message") or {}).get("content")
-            if content is None:
-                raise JudgeError(f"Ollama reply without message.content: {line[:200]!r}")
-            pieces.append(content)
-        return "".join(pieces)
-
-
-class OpenAIJudge(Judge):
-    """An OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp server, vLLM, LM Studio)."""
-
-    endpoint = "/chat/completions"
-    probe_endpoint = "/models"
-
-    def payload(self, prompt: str) -> dict:
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "seed": self.seed,
-        }
-
-    def reply_text(self, body: str) -> str:
-        reply = _load_json(body, "a chat completion")
-        try:
-            content = reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as error:
-            raise JudgeError(f"reply without choices[0].message.content: {body[:200]!r}") from error
-        if not isinstance(content, str):
-            raise JudgeError(f"reply content is not text: {content!r}")
-        return content
-
-
-def make_judge(url: str = DEFAULT_JUDGE_URL, model: str = DEFAULT_JUDGE_MODEL, **options) -> Judge:
-    """The client for ``url``: an OpenAI-compatible one when the path ends in ``/v1``, else Ollama.
-
-    ``http://localhost:11434`` -> Ollama; ``http://localhost:8080/v1`` -> OpenAI-compatible.
-    ``options`` go to :class:`Judge` (timeout, attempts, backoff, seed).
-    """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"judge url must look like http://HOST:PORT or http://HOST:PORT/v1, got {url!r}.")
-    if parsed.path.rstrip("/").endswith("/v1"):
-        return OpenAIJudge(url, model, **options)
-    return OllamaJudge(url, model, **options)
-
-
-@dataclass
-class JudgeReport:
-    """Scores of a batch of responses: one entry per response, None where unscored."""
-
-    scores: list[int | None] = field(default_factory=list)
-    replies: list[str | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
-
-    @property
-    def scored(self) -> list[int]:
-        return [s for s in self.scores if s is not None]
-
-    @property
-    def unscored(self) -> int:
-        return sum(s is None for s in self.scores)
-
-    @property
-    def average(self) -> float | None:
-        return sum(self.scored) / len(self.scored) if self.scored else None
-
-    def histogram(self, bin_width: int = 10) -> dict[str, int]:
-        """Counts per score range ("0-9", ..., "90-100"), plus "unscored"."""
-        edges = list(range(0, 100, bin_width))
-        counts = {f"{lo}-{lo + bin_width - 1 if lo + bin_width < 100 else 100}": 0 for lo in edges}
-        labels = list(counts)
-        for score in self.scored:
-            counts[labels[min(score // bin_width, len(labels) - 1)]] += 1
-        counts["unscored"] = self.unscored
-        return counts
-
-
-def score_responses(
-    entries: Sequence[dict],
-    judge: Judge | Callable[[str], str],
-    response_key: str = "model_response",
-    style: str = "alpaca",
-    progress: bool = False,
-) -> JudgeReport:
-    """Ask the judge to score each entry's response; a failure leaves that one unscored and goes on.
-
-    ``judge`` is a :class:`Judge` or any function prompt -> reply text. An entry whose request
-    fails (server down, HTTP 500, timeout, malformed JSON) gets score None and its error; so
-    does a reply without a valid score (see :func:`parse_score`), with the reply kept.
-    """
-    ask = judge.ask if isinstance(judge, Judge) else judge
-    report = JudgeReport()
-    items = entries
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(entries, desc="scoring", unit="response")
-    for entry in items:
-        if response_key not in entry:
-            raise KeyError(f"entry has no {response_key!r}; generate the responses first.")
-        try:
-            reply = ask(judge_prompt(entry, entry[response_key], style))
-        except JudgeError as error:
-            report.scores.append(None)
-            report.replies.append(None)
-            report.errors.append(str(error).splitlines()[0])
-            continue
-        score = parse_score(reply)
-        report.scores.append(score)
-        report.replies.append(reply)
-        report.errors.append(None if score is not None else "no score between 0 and 100 in the reply")
-    return report

@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from shared.attention import KVCache, MultiHeadAttention
+from shared.tokenizer import GPT2_VOCAB_SIZE, check_token_ids
 
 # The four GPT-2 sizes. ``qkv_bias`` is False as in the book's ch04 model, which gives the
 # parameter counts the chapter quotes (163,009,536 for gpt2-small); OpenAI's checkpoints do
 # carry query/key/value biases, so ``shared.weights.load_hf_gpt2`` sets it to True.
-_GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
+_GPT2_BASE = {"vocab_size": GPT2_VOCAB_SIZE, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
 GPT_CONFIGS = {
     "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -129,34 +130,6 @@ def check_config(cfg: GPTConfig) -> GPTConfig:
     return cfg
 
 
-def check_token_ids(
-    idx: torch.Tensor, vocab_size: int | None, what: str = "token ids", *, check_range: bool = True
-) -> None:
-    """Raise ValueError unless ``idx`` holds integer ids in ``[0, vocab_size)``.
-
-    One min/max over the tensor, not a Python loop: cheap next to a forward pass, and it turns
-    an index error deep inside the embedding (on a GPU, a device-side assert that kills the
-    process) into a message that says which id is wrong. Reading the min and max back makes the
-    host wait for the tensor's device; ``check_range=False`` checks the dtype only.
-    """
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(
-            f"{what} must be integers, got a tensor of dtype {idx.dtype}; token ids come from a "
-            "tokenizer, and converting floats would silently round them."
-        )
-    if idx.numel() == 0 or not check_range:
-        return
-    low, high = torch.aminmax(idx)
-    low, high = int(low), int(high)
-    if low < 0 or (vocab_size is not None and high >= vocab_size):
-        bad = low if low < 0 else high
-        limit = f"0 to {vocab_size - 1}" if vocab_size is not None else "0 upwards"
-        raise ValueError(
-            f"{what} contain {bad}, outside the vocabulary (ids run from {limit}); was the text "
-            "encoded with a different tokenizer than the model's?"
-        )
-
-
 def make_norm(cfg: GPTConfig) -> nn.Module:
     # torch's fused kernels; the ch04 notebook builds LayerNorm by hand and checks it matches.
     if cfg["norm"] == "rmsnorm":
@@ -195,10 +168,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache=cache, key_padding_mask=key_padding_mask))
+    def forward(self, x: torch.Tensor, **attention) -> torch.Tensor:
+        """``attention``: the cache, key padding mask and causal flag for :class:`MultiHeadAttention`."""
+        x = x + self.drop_shortcut(self.att(self.norm1(x), **attention))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -263,6 +235,7 @@ class GPTModel(nn.Module):
         idx: torch.Tensor,
         cache: list[KVCache] | None = None,
         attention_mask: torch.Tensor | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Logits (batch, tokens, vocab) for token ids ``idx`` (batch, tokens).
 
@@ -270,10 +243,13 @@ class GPTModel(nn.Module):
         the tokens after the cached ones.
 
         ``attention_mask`` (batch, cached + new tokens), 1 for real tokens and 0 for padding, is
-        for sequences padded on the left (ch07 batches prompts of different lengths this way).
-        Each row's positions then count its real tokens only, so its first real token is at
-        position 0 exactly as without padding, and no token attends to padding. Without a mask
-        every position is real.
+        for padded sequences. No token attends to padding, and each row's positions count from its
+        first real token: a row padded on the left (ch07 batches prompts of different lengths this
+        way) computes exactly what it would alone, and a row padded on the right keeps positions
+        0, 1, 2, ... Without a mask every position is real.
+
+        ``causal=False`` lets every token attend to every real token, later ones included (ch06's
+        bidirectional classifier); it needs no cache.
         """
         if idx.ndim != 2:
             raise ValueError(
@@ -303,11 +279,13 @@ class GPTModel(nn.Module):
                     f"{(idx.shape[0], start + num_tokens)}, got {tuple(attention_mask.shape)}."
                 )
             key_padding_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
-            # A row's position counts its real tokens so far; padding sits at position 0.
-            positions = (key_padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+            # Positions count from each row's first real token; left padding sits at position 0.
+            first_real = key_padding_mask.int().argmax(dim=1, keepdim=True)
+            positions = (torch.arange(start, start + num_tokens, device=idx.device) - first_real).clamp(min=0)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache[i] if cache else None, key_padding_mask=key_padding_mask)
+            block_cache = cache[i] if cache else None
+            x = block(x, cache=block_cache, key_padding_mask=key_padding_mask, causal=causal)
         return self.out_head(self.final_norm(x))
 
 

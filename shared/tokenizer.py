@@ -1,5 +1,11 @@
 """Tokenizers: the chapter-2 word-level tokenizers and GPT-2's byte-pair encoding through
-tiktoken (the byte-pair encoder written from scratch is in :mod:`shared.bpe`)."""
+tiktoken (the byte-pair encoder written from scratch is in :mod:`shared.bpe`).
+
+Also what every later module needs to know about token ids: GPT-2's vocabulary size and
+end-of-text id (:data:`GPT2_VOCAB_SIZE`, :data:`GPT2_EOT_ID`, defined here once) and
+:func:`check_token_ids`, the check that ids are integers inside a vocabulary, used by the
+datasets (ch02), the model (ch04) and generation.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,16 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from shared import data
 from shared.download import DownloadError, sha256_of
 from shared.utils import atomic_path
+
+# GPT-2's vocabulary: 50,256 byte-pair tokens plus <|endoftext|>, the last id. The course pads,
+# ends responses and separates documents with that id.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_ID = 50256
 
 
 class TokenizerFilesError(RuntimeError):
@@ -66,10 +79,10 @@ def _encoding_from_data_dir():
     # The same specification tiktoken registers for "gpt2", with the ranks read locally.
     return tiktoken.Encoding(
         name="gpt2",
-        explicit_n_vocab=50257,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
         pat_str=r50k_pat_str,
         mergeable_ranks=mergeable_ranks,
-        special_tokens={"<|endoftext|>": 50256},
+        special_tokens={"<|endoftext|>": GPT2_EOT_ID},
     )
 
 
@@ -112,6 +125,34 @@ def encode_text(tokenizer, text: str) -> list[int]:
         return tokenizer.encode(text, disallowed_special=())
     except TypeError:  # a tokenizer without tiktoken's keyword (e.g. the ch02 BPE) has no specials
         return tokenizer.encode(text)
+
+
+def check_token_ids(
+    idx: torch.Tensor, vocab_size: int | None, what: str = "token ids", *, check_range: bool = True
+) -> None:
+    """Raise ValueError unless ``idx`` holds integer ids in ``[0, vocab_size)``.
+
+    One min/max over the tensor, not a Python loop: cheap next to a forward pass, and it turns
+    an index error deep inside the embedding (on a GPU, a device-side assert that kills the
+    process) into a message that says which id is wrong. Reading the min and max back makes the
+    host wait for the tensor's device; ``check_range=False`` checks the dtype only.
+    """
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(
+            f"{what} must be integers, got a tensor of dtype {idx.dtype}; token ids come from a "
+            "tokenizer, and converting floats would silently round them."
+        )
+    if idx.numel() == 0 or not check_range:
+        return
+    low, high = torch.aminmax(idx)
+    low, high = int(low), int(high)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        limit = f"0 to {vocab_size - 1}" if vocab_size is not None else "0 upwards"
+        raise ValueError(
+            f"{what} contain {bad}, outside the vocabulary (ids run from {limit}); was the text "
+            "encoded with a different tokenizer than the model's?"
+        )
 
 
 # ---------------------------------------------------------------------------------------

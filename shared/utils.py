@@ -7,10 +7,12 @@ import os
 import platform
 import random
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # The one switch for quick mode. It only shrinks sizes (model dims, epochs, data subsets);
@@ -86,13 +88,9 @@ def get_device(prefer: str | None = None) -> torch.device:
 
 
 def set_seed(seed: int = 123) -> None:
-    """Seed Python, NumPy (when installed) and PyTorch on every device."""
+    """Seed Python, NumPy and PyTorch on every device."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with pandas and matplotlib
-        return
     np.random.seed(seed)
 
 
@@ -115,6 +113,25 @@ def banner() -> None:
         "mode": f"quick ({QUICK_ENV_VAR}=1)" if is_quick() else "full",
     }
     print(" | ".join(f"{key}: {value}" for key, value in facts.items()))
+
+
+def run_dir(out_dir: str | os.PathLike | None, runs_folder: str | os.PathLike) -> Path:
+    """The folder a script writes into, created: ``out_dir`` when given (``--out-dir``), else a
+    new ``<runs_folder>/<date>-<time>`` folder, so that a run never overwrites an earlier one
+    (or results kept in the repository) unless asked to."""
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(100):
+        folder = Path(runs_folder) / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # two runs started in the same second
+            continue
+    raise FileExistsError(f"could not create a new run folder in {runs_folder}; pass --out-dir.")
 
 
 def temp_path_beside(target: str | os.PathLike) -> Path:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from shared.data import data_dir
 from shared.download import DownloadError, download, host_url
 from shared.model import GPTConfig, GPTModel, build_on_meta, check_config, set_dropout
+from shared.tokenizer import GPT2_EOT_ID, GPT2_VOCAB_SIZE
 from shared.utils import atomic_path, set_seed
 
 CONFIG_FILE = "config.json"
@@ -154,8 +155,8 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "scale_attn_weights": True,
         "tie_word_embeddings": cfg["tie_weights"],
         # GPT-2's <|endoftext|>, when the vocabulary is GPT-2's (a toy vocabulary has no such id).
-        "bos_token_id": 50256 if cfg["vocab_size"] > 50256 else None,
-        "eos_token_id": 50256 if cfg["vocab_size"] > 50256 else None,
+        "bos_token_id": GPT2_EOT_ID if cfg["vocab_size"] > GPT2_EOT_ID else None,
+        "eos_token_id": GPT2_EOT_ID if cfg["vocab_size"] > GPT2_EOT_ID else None,
     }
 
 
@@ -269,11 +270,13 @@ def _read_tensors(weights_path: Path, expected: dict, device, dtype) -> dict[str
 
 
 def load_hf_gpt2(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
 ) -> GPTModel:
     """Load a GPT-2 checkpoint folder (``config.json`` + ``model.safetensors``) into a GPTModel.
 
-    Returns the model in eval mode. ``dtype`` converts the weights (default: as stored); it is a
+    Returns the model in eval mode, its weights read straight onto ``device`` (default: the CPU,
+    where PyTorch makes tensors; the model is built from the file, so there is no model to take
+    a device from). ``dtype`` converts the weights (default: as stored); it is a
     torch dtype or one of the names "float32", "float16", "bfloat16".
     Raises :class:`ShapeMismatchError` naming the tensor and both shapes when the file does not
     fit its own config, and :class:`CheckpointError` for missing or unexpected tensors, a
@@ -290,7 +293,7 @@ def load_hf_gpt2(
     expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
 
     try:
-        state = _read_tensors(weights_path, expected, device, dtype)
+        state = _read_tensors(weights_path, expected, device if device is not None else "cpu", dtype)
     except SafetensorError as error:
         raise CheckpointError(
             f"{weights_path} is not a readable safetensors file ({error}); it may be truncated or "
@@ -391,7 +394,7 @@ def download_gpt2(
 
 # GPT-2's vocabulary and layout, but tiny and randomly initialised: it knows no English at all.
 STANDIN_CONFIG = {
-    "vocab_size": 50257,
+    "vocab_size": GPT2_VOCAB_SIZE,
     "context_length": 256,
     "emb_dim": 64,
     "n_heads": 4,

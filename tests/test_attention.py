@@ -29,8 +29,11 @@ def set_mode(module: nn.Module, mode: str) -> nn.Module:
     return module.train(mode == "train")
 
 
-def reference_attention(mha: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Causal multi-head attention spelled out step by step with mha's weights."""
+def reference_attention(
+    mha: MultiHeadAttention, x: torch.Tensor, causal: bool = True, real_keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Multi-head attention spelled out step by step with mha's weights (causal unless told not;
+    ``real_keys`` (batch, tokens) hides the padded keys)."""
     batch, tokens, _ = x.shape
     heads, head_dim = mha.num_heads, mha.head_dim
     w_q, w_k, w_v = mha.qkv.weight.chunk(3, dim=0)
@@ -42,8 +45,10 @@ def reference_attention(mha: MultiHeadAttention, x: torch.Tensor) -> torch.Tenso
     q = split_heads(x @ w_q.T + b_q)
     k = split_heads(x @ w_k.T + b_k)
     v = split_heads(x @ w_v.T + b_v)
-    future = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), diagonal=1)
-    mask = torch.zeros(tokens, tokens).masked_fill(future, float("-inf"))
+    hidden = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), diagonal=1) & causal
+    if real_keys is not None:
+        hidden = hidden | ~real_keys[:, None, None, :]
+    mask = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(head_dim) + mask, dim=-1)
     context = (weights @ v).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     return context @ mha.out_proj.weight.T + mha.out_proj.bias
@@ -156,6 +161,28 @@ def test_matches_hugging_face_gpt2_attention_with_its_weights_mapped_by_name():
     x = torch.randn(2, 5, 12)
     causal = torch.full((5, 5), float("-inf")).triu(1)[None, None]  # explicit, not left to the library
     torch.testing.assert_close(mha(x), gpt2(x, attention_mask=causal)[0], **TOL)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_without_the_causal_mask_every_token_attends_to_every_real_token(mode):
+    mha = set_mode(make_attention(), mode)  # dropout 0: train mode must give the same numbers
+    x = torch.randn(3, 6, 12)
+    torch.testing.assert_close(mha(x, causal=False), reference_attention(mha, x, causal=False), **TOL)
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = reference_attention(mha, x, causal=False, real_keys=real)
+    torch.testing.assert_close(mha(x, key_padding_mask=real, causal=False), expected, **TOL)
+
+
+def test_without_the_causal_mask_a_row_of_padding_only_stays_finite():
+    mha = make_attention().eval()
+    out = mha(torch.randn(2, 4, 12), key_padding_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), causal=False)
+    assert torch.isfinite(out).all()
+
+
+def test_without_the_causal_mask_a_cache_is_refused():
+    mha = make_attention()
+    with pytest.raises(ValueError, match="causal=False .* no cache"):
+        mha(torch.randn(1, 3, 12), cache=KVCache(), causal=False)
 
 
 def test_full_context_and_single_token_inputs_work():

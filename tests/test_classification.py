@@ -6,11 +6,11 @@ import torch
 
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel, build_on_meta
-from shared.tokenizer import get_gpt2_tokenizer
-from shared.weights import STANDIN_CONFIG
+from shared.tokenizer import GPT2_VOCAB_SIZE, get_gpt2_tokenizer
+from shared.weights import STANDIN_CONFIG, load_gpt2_or_standin, save_hf_gpt2
 
 TINY = {
-    "vocab_size": 50257,
+    "vocab_size": GPT2_VOCAB_SIZE,
     "context_length": 32,
     "emb_dim": 16,
     "n_heads": 2,
@@ -73,7 +73,7 @@ def test_labels_accept_names_and_ids_and_refuse_others():
 
 def test_dataset_truncates_and_keeps_messages_unpadded(tokenizer):
     frame = pd.DataFrame({"Label": ["spam", "ham"], "Text": ["win " * 50, "see you at 5"]})
-    dataset = cls.SpamDataset(frame, tokenizer, max_length=10)
+    dataset = cls.SpamDataset(frame, tokenizer, context_length=10)
     ids, label = dataset[0]
     assert ids.tolist() == tokenizer.encode("win " * 50)[:10] and label.item() == 1
     assert len(dataset[1][0]) == len(tokenizer.encode("see you at 5"))
@@ -155,10 +155,34 @@ def test_without_the_causal_mask_early_tokens_see_later_ones():
     )
 
 
+def _bidirectional_forward_by_hand(model, input_ids):
+    """The forward pass written out block by block: attention over every real token of the row."""
+    key_is_real = cls.real_token_mask(input_ids, PAD)
+    x = model.tok_emb(input_ids) + model.pos_emb(torch.arange(input_ids.shape[1]))
+    for block in model.trf_blocks:
+        att, h = block.att, block.norm1(x)
+        batch, tokens, _ = h.shape
+        q, k, v = att.qkv(h).view(batch, tokens, 3, att.num_heads, att.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / att.head_dim**0.5
+        scores = scores.masked_fill(~key_is_real[:, None, None, :], float("-inf"))
+        context = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        x = x + att.out_proj(context)
+        x = x + block.ff(block.norm2(x))
+    return model.out_head(model.final_norm(x))
+
+
+@pytest.mark.parametrize("pooling", cls.POOLINGS)
+def test_bidirectional_classifier_equals_the_forward_pass_by_hand(pooling):
+    model = tiny_classifier(pooling=pooling, causal=False).eval()
+    ids = torch.tensor([[11, 12, 13, 14, 15], [21, 22, PAD, PAD, PAD], [31, 32, 33, PAD, PAD]])
+    expected = cls.pool_positions(_bidirectional_forward_by_hand(model, ids), ids, pooling, PAD)
+    torch.testing.assert_close(cls.classifier_logits(model, ids), expected)
+
+
 def test_bidirectional_forward_equals_the_model_with_the_mask_on_a_one_token_input():
     model = tiny_classifier(causal=False)
     ids = torch.tensor([[42], [43]])
-    torch.testing.assert_close(cls.forward_without_causal_mask(model, ids), model(ids))
+    torch.testing.assert_close(cls.classifier_logits(model, ids), tiny_classifier()(ids)[:, -1])
 
 
 # --- model surgery ----------------------------------------------------------------------
@@ -182,16 +206,15 @@ def test_freezing_gpt2_small_leaves_the_last_block_final_norm_and_head_trainable
 
 
 @pytest.mark.parametrize(
-    "blocks,final_norm,expected_prefixes",
+    "blocks,expected_prefixes",
     [
-        (0, None, ("out_head.",)),
-        (0, True, ("out_head.", "final_norm.")),
-        (2, None, ("out_head.", "final_norm.", "trf_blocks.0.", "trf_blocks.1.")),
-        ("all", None, ("",)),
+        (0, ("out_head.",)),
+        (2, ("out_head.", "final_norm.", "trf_blocks.0.", "trf_blocks.1.")),
+        ("all", ("",)),
     ],
 )
-def test_trainable_blocks_choose_exactly_those_parameters(blocks, final_norm, expected_prefixes):
-    model = cls.make_classifier(build_on_meta(TINY), trainable_blocks=blocks, train_final_norm=final_norm)
+def test_trainable_blocks_choose_exactly_those_parameters(blocks, expected_prefixes):
+    model = cls.make_classifier(build_on_meta(TINY), trainable_blocks=blocks)
     for name, param in model.named_parameters():
         assert param.requires_grad == name.startswith(expected_prefixes), name
 
@@ -240,7 +263,7 @@ def test_classify_text_truncates_a_5000_token_message_to_the_context(tokenizer, 
     assert cls.classify_text(text, model, tokenizer) in {"spam", "ham"}
     # Truncated to the 32 positions of the context, not to the embedding width (16).
     assert seen[-1].tolist() == [tokenizer.encode(text)[: TINY["context_length"]]]
-    cls.classify_text(text, model, tokenizer, max_length=5)
+    cls.classify_text(text, model, tokenizer, context_length=5)
     assert seen[-1].shape == (1, 5)
 
 
@@ -290,7 +313,7 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
 
     torch.manual_seed(123)
     data = {
-        name: cls.SpamDataset(path, tokenizer, max_length=STANDIN_CONFIG["context_length"])
+        name: cls.SpamDataset(path, tokenizer, context_length=STANDIN_CONFIG["context_length"])
         for name, path in splits.items()
     }
     train_loader = cls.create_classification_loader(data["train"], 8, shuffle=True, drop_last=True)
@@ -312,6 +335,7 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
         progress=False,
     )
     after = cls.calc_accuracy_loader(test_loader, model, "cpu")
+    assert cls.calc_accuracy_loader(test_loader, model) == after  # no device: where the model is
     assert 0.3 < before < 0.7  # an untrained head is at chance on a balanced split
     print(f"test accuracy before {before:.4f}, after one epoch {after:.4f}")
     assert after >= 0.85, after  # chance is 0.5; a pipeline that reads the wrong thing stays near it
@@ -329,7 +353,7 @@ def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_pat
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "run"
-    report = module.main(["--quick", "--epochs", "1", "--max-length", "48", "--out-dir", str(out)])
+    report = module.main(["--quick", "--epochs", "1", "--context-length", "48", "--out-dir", str(out)])
     assert report["pretrained"] is False and "RANDOMLY INITIALISED" in report["model"]
     assert json.loads((out / "report.json").read_text())["accuracy"] == report["accuracy"]
     assert set(report["accuracy"]) == {"train", "validation", "test"}
@@ -339,19 +363,17 @@ def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_pat
     assert report["accuracy"]["test"] > 0.75, report["accuracy"]  # chance is 0.5
 
 
-def test_load_base_model_uses_gpt2_weights_when_present_and_falls_back_offline(tmp_path, monkeypatch):
-    from shared.weights import save_hf_gpt2
-
+def test_load_gpt2_or_standin_uses_gpt2_weights_when_present_and_falls_back_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("LLMS_HF_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline
-    model, description, pretrained = cls.load_base_model("gpt2-small")
+    model, description, pretrained = load_gpt2_or_standin("gpt2-small")
     assert not pretrained and "RANDOMLY INITIALISED" in description and "unavailable" in description
     assert model.cfg == GPTModel(STANDIN_CONFIG).cfg
 
     # A checkpoint in the data directory (here a tiny one in GPT-2's format) is used as is.
     torch.manual_seed(0)
     save_hf_gpt2(GPTModel({**TINY, "drop_rate": 0.1, "tie_weights": True}), tmp_path / "gpt2-small")
-    model, description, pretrained = cls.load_base_model("gpt2-small")
+    model, description, pretrained = load_gpt2_or_standin("gpt2-small")
     assert pretrained and description == "OpenAI's pretrained gpt2-small"
     assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

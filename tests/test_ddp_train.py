@@ -54,7 +54,7 @@ def test_toy_training_in_one_process_reaches_accuracy_one(tmp_path, monkeypatch,
     for name in distributed.LAUNCH_VARIABLES:  # a plain start, whatever the test runner's environment
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LLMS_DEVICE", "cpu")
-    facts = ddp_train.main(["--facts-dir", str(tmp_path)])
+    facts = ddp_train.main(["--out-dir", str(tmp_path)])
     assert facts["world_size"] == 1 and facts["backend"] == "gloo"
     assert facts["train_accuracy"] == 1.0
     assert facts["test_accuracy"] == 1.0
@@ -64,12 +64,12 @@ def test_toy_training_in_one_process_reaches_accuracy_one(tmp_path, monkeypatch,
     assert json.loads((tmp_path / "rank0.json").read_text())["parameter_sha256"] == facts["parameter_sha256"]
 
 
-def test_script_rejects_a_batch_size_no_process_could_fill(monkeypatch):
+def test_script_rejects_a_batch_size_no_process_could_fill(tmp_path, monkeypatch):
     for name in distributed.LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LLMS_DEVICE", "cpu")
     with pytest.raises(ValueError, match="gets 4 of the 4 samples, fewer than --batch-size 8"):
-        ddp_train.main(["--num-samples", "4", "--batch-size", "8"])
+        ddp_train.main(["--num-samples", "4", "--batch-size", "8", "--out-dir", str(tmp_path)])
     assert not torch.distributed.is_initialized()
 
 
@@ -119,7 +119,7 @@ def torchrun_two_processes(tmp_path_factory):
     # This checkout's shared package, and the CPU even where there are GPUs.
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, LLMS_DEVICE="cpu", PYTHONPATH=python_path)
-    args = ["--facts-dir", facts_dir, "--num-samples", NUM_SAMPLES, "--batch-size", BATCH_SIZE]
+    args = ["--out-dir", facts_dir, "--num-samples", NUM_SAMPLES, "--batch-size", BATCH_SIZE]
     args += ["--accumulation-steps", ACCUMULATION_STEPS, "--epochs", EPOCHS, "--lr", LR, "--seed", SEED]
     # Kills torchrun and both workers if anything hangs, so a failure never leaves processes behind.
     result = distributed.launch_torchrun(SCRIPT, args, nproc_per_node=2, timeout=120, cwd=REPO_ROOT, env=env)
@@ -182,3 +182,14 @@ def test_torchrun_training_equals_one_process_on_the_combined_batches(torchrun_t
             ddp_train.train_step(model, optimizer, features[combined], labels[combined])
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, ddp_weights[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_without_out_dir_each_run_writes_a_new_run_folder(tmp_path, monkeypatch):
+    for name in distributed.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ddp_train, "HERE", tmp_path)
+    for _ in range(2):
+        ddp_train.main(["--device", "cpu", "--epochs", "1"])
+    runs = sorted((tmp_path / "runs" / "ddp_train").iterdir())
+    assert len(runs) == 2 and all((run / "rank0.json").is_file() for run in runs)
+    assert json.loads((runs[0] / "rank0.json").read_text())["device"] == "cpu"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_process_tree
 
 from shared import distributed
 
@@ -41,7 +42,7 @@ def test_launch_environment_rejects_partial_or_inconsistent_variables(environ, m
 
 
 def test_session_rejects_more_processes_per_machine_than_gpus(monkeypatch):
-    monkeypatch.setattr(distributed, "get_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(distributed, "get_device", lambda prefer=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -88,7 +89,7 @@ def test_timeout_kills_the_command_and_the_processes_it_started():
         "time.sleep(60)\n"
     )
     with pytest.raises(TimeoutError, match="Stopped after 2 s") as caught:
-        distributed.run_process_tree([sys.executable, "-c", spawn_and_hang], timeout=2)
+        run_process_tree([sys.executable, "-c", spawn_and_hang], timeout=2)
     child_pid = int(re.search(r"child (\d+)", str(caught.value)).group(1))
     deadline = time.monotonic() + 10
     while _is_running(child_pid) and time.monotonic() < deadline:

@@ -65,16 +65,16 @@ def test_cache_matches_recompute_at_and_over_the_context_limit(model, prompt_len
     assert torch.equal(cached, recomputed)
 
 
-def test_smaller_context_size_crops_the_window(model):
+def test_smaller_context_length_crops_the_window(model):
     idx = prompt(1, 12)
-    out = generate(model, idx, max_new_tokens=5, context_size=6)
-    assert torch.equal(out, generate(model, idx, max_new_tokens=5, context_size=6, use_cache=False))
-    assert torch.equal(out, generate_text_simple(model, idx, max_new_tokens=5, context_size=6))
+    out = generate(model, idx, max_new_tokens=5, context_length=6)
+    assert torch.equal(out, generate(model, idx, max_new_tokens=5, context_length=6, use_cache=False))
+    assert torch.equal(out, generate_text_simple(model, idx, max_new_tokens=5, context_length=6))
 
 
 def test_generate_text_simple_agrees_with_generate(model):
     idx = prompt(2, 5)
-    simple = generate_text_simple(model, idx, max_new_tokens=15, context_size=TINY["context_length"])
+    simple = generate_text_simple(model, idx, max_new_tokens=15, context_length=TINY["context_length"])
     assert torch.equal(simple, generate(model, idx, max_new_tokens=15, use_cache=False))
     assert torch.equal(simple, generate(model, idx, max_new_tokens=15))
 
@@ -145,7 +145,7 @@ def test_top_k_and_top_p_only_ever_sample_allowed_tokens():
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
-        ({"context_size": 18}, "context_size"),
+        ({"context_length": 18}, "context_length"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -202,7 +202,7 @@ def test_greedy_output_matches_transformers_generate():
 
 def test_temperature_zero_is_greedy_whatever_top_k_and_top_p(model):
     idx = prompt(2, 4)
-    greedy = generate_text_simple(model, idx, max_new_tokens=8, context_size=TINY["context_length"])
+    greedy = generate_text_simple(model, idx, max_new_tokens=8, context_length=TINY["context_length"])
     assert torch.equal(generate(model, idx, max_new_tokens=8, temperature=0.0, top_k=5, top_p=0.5), greedy)
 
 
@@ -297,9 +297,8 @@ def test_beam_search_stops_when_every_beam_has_finished(model):
     ("kwargs", "message"),
     [
         ({"beam_width": 0}, "beam_width"),
-        ({"length_penalty": -1.0}, "length_penalty"),
         ({"idx": prompt(2, 3)}, "one prompt"),
-        ({"context_size": 18}, "context_size"),
+        ({"context_length": 18}, "context_length"),
     ],
 )
 def test_beam_search_bad_arguments_raise_value_errors(model, kwargs, message):

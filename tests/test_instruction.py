@@ -1,22 +1,16 @@
-"""shared.instruction: prompt formats, collate, batched generation, metrics, judges and the score parser."""
+"""shared.instruction: prompt formats, collate, batched generation, metrics, the ch07 scripts."""
 
 import json
 import math
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from scripts import load_script
 
 from shared.generate import generate
 from shared.instruction import (
     IGNORE_INDEX,
     InstructionDataset,
-    JudgeError,
-    OllamaJudge,
-    OpenAIJudge,
     TokenizedExample,
     collate_fn,
     exact_match,
@@ -24,15 +18,13 @@ from shared.instruction import (
     format_prompt,
     generate_batch_ids,
     generate_responses,
-    make_judge,
-    parse_score,
     response_perplexity,
     rouge_l,
-    score_responses,
     split_entries,
 )
 from shared.model import GPTModel
-from shared.tokenizer import get_gpt2_tokenizer
+from shared.tokenizer import GPT2_EOT_ID, GPT2_VOCAB_SIZE, get_gpt2_tokenizer
+from shared.weights import load_gpt2_or_standin
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_collate_pads_shifts_and_ignores_padding_after_the_first_end_of_text():
 
 
 def test_collate_truncates_inputs_and_targets_to_the_allowed_length():
-    inputs, targets = collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    inputs, targets = collate_fn([[0, 1, 2, 3, 4], [5, 6]], context_length=3)
     assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]]
     assert targets.tolist() == [[1, 2, 3], [6, 50256, X]]
 
@@ -139,7 +131,7 @@ def test_collate_equals_the_books_custom_collate_fn(gpt2_tokenizer):
     assert [ex.token_ids for ex in ours] == [theirs[i] for i in range(len(theirs))]
     for max_length in (None, 20):
         expected = book.custom_collate_fn([theirs[i] for i in range(3)], allowed_max_length=max_length)
-        got = collate_fn(list(ours), allowed_max_length=max_length)
+        got = collate_fn(list(ours), context_length=max_length)
         for a, b in zip(got, expected, strict=True):
             assert torch.equal(a, b)
 
@@ -157,7 +149,7 @@ def test_dataset_records_where_the_prompt_ends(gpt2_tokenizer):
 # ---------------------------------------------------------------------------------------
 
 
-def tiny_model(vocab_size=50257, context_length=64, seed=0):
+def tiny_model(vocab_size=GPT2_VOCAB_SIZE, context_length=64, seed=0):
     torch.manual_seed(seed)
     cfg = {
         "vocab_size": vocab_size,
@@ -242,7 +234,7 @@ def test_generate_responses_equals_one_at_a_time_text_in_prompt_order(gpt2_token
     assert model.training
     model.eval()
     ids = [gpt2_tokenizer.encode(p) for p in prompts]
-    expected = [gpt2_tokenizer.decode(row).strip() for row in one_at_a_time(model, ids, 6, 50256)]
+    expected = [gpt2_tokenizer.decode(row).strip() for row in one_at_a_time(model, ids, 6, GPT2_EOT_ID)]
     assert responses == expected
 
 
@@ -320,197 +312,6 @@ def test_response_perplexity_counts_only_response_tokens(gpt2_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------
-# Score parser
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("reply", "score"),
-    [
-        ("85", 85),
-        ("Score: 72/100", 72),
-        ("  100\n", 100),
-        ("0", 0),
-        ("90.0", 90),
-        ("I would rate this 65 out of 100.", 65),
-        ("Score: 105", None),
-        ("-5", None),
-        ("I cannot rate this answer.", None),
-        ("", None),
-        (None, None),
-        ("Llama3 says 40", 40),
-    ],
-)
-def test_parse_score(reply, score):
-    assert parse_score(reply) == score
-
-
-# ---------------------------------------------------------------------------------------
-# Judge clients against a local server
-# ---------------------------------------------------------------------------------------
-
-
-class FakeJudgeHandler(BaseHTTPRequestHandler):
-    """Answers like Ollama or an OpenAI-compatible server; ``server.mode`` picks the behaviour."""
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _send(self, status, body, content_type="application/json"):
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, json.dumps({"models": [], "data": []}))
-
-    def do_POST(self):
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, request))
-        mode, reply = self.server.mode, self.server.reply
-        if mode == "http500":
-            self._send(500, "internal error")
-        elif mode == "malformed":
-            self._send(200, "{not json")
-        elif mode == "hang":
-            time.sleep(1.5)  # longer than the client's timeout; bounded so the thread ends
-            try:
-                self._send(200, "{}")
-            except OSError:  # the client has hung up already
-                pass
-        elif self.path == "/api/chat" and mode == "stream":
-            pieces = [reply[: len(reply) // 2], reply[len(reply) // 2 :]]
-            lines = [
-                json.dumps({"message": {"role": "assistant", "content": p}, "done": False}) for p in pieces
-            ]
-            lines.append(json.dumps({"message": {"role": "assistant", "content": ""}, "done": True}))
-            self._send(200, "\n".join(lines) + "\n", "application/x-ndjson")
-        elif self.path == "/api/chat":
-            self._send(200, json.dumps({"message": {"role": "assistant", "content": reply}, "done": True}))
-        elif self.path == "/v1/chat/completions":
-            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}))
-        else:
-            self._send(404, "not found")
-
-
-@pytest.fixture
-def judge_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeHandler)
-    server.daemon_threads = True
-    server.mode, server.reply, server.requests = "ok", "85", []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-def url_of(server, suffix=""):
-    return f"http://127.0.0.1:{server.server_address[1]}{suffix}"
-
-
-FAST = {"timeout": 0.5, "attempts": 2, "backoff": 0.0}
-
-
-def test_make_judge_picks_the_client_from_the_url():
-    assert isinstance(make_judge("http://localhost:11434"), OllamaJudge)
-    assert isinstance(make_judge("http://localhost:8080/v1"), OpenAIJudge)
-    assert isinstance(make_judge("http://localhost:8080/v1/"), OpenAIJudge)
-    with pytest.raises(ValueError, match="http://HOST:PORT"):
-        make_judge("localhost:11434")
-
-
-@pytest.mark.parametrize("mode", ["ok", "stream"])
-def test_ollama_judge_reads_plain_and_streamed_replies(judge_server, mode):
-    judge_server.mode, judge_server.reply = mode, "Score: 85"
-    judge = make_judge(url_of(judge_server), model="llama3", **FAST)
-    assert judge.check() is None
-    assert judge.ask("rate this") == "Score: 85"
-    path, request = judge_server.requests[-1]
-    assert path == "/api/chat" and request["model"] == "llama3"
-    assert request["options"]["temperature"] == 0 and request["options"]["seed"] == 123
-
-
-def test_openai_judge_reads_chat_completions(judge_server):
-    judge_server.reply = "72"
-    judge = make_judge(url_of(judge_server, "/v1"), model="any", **FAST)
-    assert judge.ask("rate this") == "72"
-    path, request = judge_server.requests[-1]
-    assert path == "/v1/chat/completions" and request["temperature"] == 0
-
-
-def test_http_500_is_retried_then_reported(judge_server):
-    judge_server.mode = "http500"
-    with pytest.raises(JudgeError, match="HTTP 500.*after 2 attempts"):
-        make_judge(url_of(judge_server), **FAST).ask("x")
-    assert len(judge_server.requests) == 2  # bounded retries
-
-
-def test_malformed_json_is_reported(judge_server):
-    judge_server.mode = "malformed"
-    with pytest.raises(JudgeError, match="malformed JSON"):
-        make_judge(url_of(judge_server, "/v1"), **FAST).ask("x")
-
-
-def test_a_hanging_server_times_out(judge_server):
-    judge_server.mode = "hang"  # the server answers only after 1.5 s
-    judge = make_judge(url_of(judge_server), timeout=0.2, attempts=1, backoff=0.0)
-    with pytest.raises(JudgeError, match="no answer .* within 0.2 s"):
-        judge.ask("x")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_closed_port_says_how_to_start_a_server():
-    judge = make_judge(f"http://127.0.0.1:{closed_port()}", **FAST)
-    message = judge.check()
-    assert message is not None and "cannot reach" in message and "ollama serve" in message
-    with pytest.raises(JudgeError, match="cannot reach"):
-        judge.ask("x")
-
-
-def test_batch_scoring_carries_on_and_counts_the_unscored(judge_server):
-    entries = [{**ENTRY_WITH_INPUT, "model_response": f"answer {i}"} for i in range(4)]
-    replies = iter(["85", "Score: 105", "no idea", "40"])
-
-    def handler_reply():
-        judge_server.reply = next(replies)
-
-    judge = make_judge(url_of(judge_server), **FAST)
-
-    def ask(prompt):
-        handler_reply()
-        if judge_server.reply == "no idea":
-            judge_server.mode = "http500"
-        try:
-            return judge.ask(prompt)
-        finally:
-            judge_server.mode = "ok"
-
-    report = score_responses(entries, ask)
-    assert report.scores == [85, None, None, 40]
-    assert report.unscored == 2 and report.average == pytest.approx(62.5)
-    assert report.errors[1] == "no score between 0 and 100 in the reply" and "HTTP 500" in report.errors[2]
-    assert report.histogram()["80-89"] == 1 and report.histogram()["unscored"] == 2
-    assert "answer 0" in judge_server.requests[0][1]["messages"][0]["content"]
-
-
-def test_batch_scoring_with_the_server_down_leaves_everything_unscored():
-    entries = [{**ENTRY_WITHOUT_INPUT, "model_response": "Red"}] * 2
-    report = score_responses(entries, make_judge(f"http://127.0.0.1:{closed_port()}", **FAST))
-    assert report.scores == [None, None] and report.average is None
-    assert all("cannot reach" in e for e in report.errors)
-
-
-# ---------------------------------------------------------------------------------------
 # Finetuning and the scripts
 # ---------------------------------------------------------------------------------------
 
@@ -520,13 +321,15 @@ def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
 
     from torch.utils.data import DataLoader
 
-    from shared.instruction import SMALL_MODEL_LR, load_base_model
+    from shared.instruction import SMALL_MODEL_CONFIG, SMALL_MODEL_LR
     from shared.train import calc_loss_loader, make_optimizer, train_model
 
     entries = [ENTRY_WITH_INPUT, ENTRY_WITHOUT_INPUT] * 8
-    model, _, pretrained = load_base_model(small=True)
+    model, _, pretrained = load_gpt2_or_standin(
+        "gpt2-medium", pretrained=False, standin_config=SMALL_MODEL_CONFIG, seed=123
+    )
     assert not pretrained
-    collate = functools.partial(collate_fn, allowed_max_length=64)
+    collate = functools.partial(collate_fn, context_length=64)
     train_loader = DataLoader(
         InstructionDataset(entries, gpt2_tokenizer), batch_size=4, shuffle=True, collate_fn=collate
     )
@@ -541,71 +344,27 @@ def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
     assert history.val_losses[-1] < history.val_losses[0]
 
 
-def load_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "ch07" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_evaluate_script_scores_offline_and_with_a_judge(judge_server, tmp_path, capsys):
-    evaluate = load_script("evaluate_responses")
-    entries = [
-        {**ENTRY_WITH_INPUT, "model_response": "The fish was eaten by the cat."},
-        {**ENTRY_WITHOUT_INPUT, "model_response": "Blue."},
-    ]
-    path = tmp_path / "responses.json"
-    path.write_text(json.dumps(entries))
-    judge_server.reply = "90"
-    assert evaluate.main([str(path), "--judge-url", url_of(judge_server)]) == 0
-    report = json.loads((tmp_path / "responses-report.json").read_text())
-    assert report["rouge_l"] == pytest.approx(0.5) and report["exact_match"] == pytest.approx(0.5)
-    assert report["judge"]["average"] == 90 and report["judge"]["unscored"] == 0
-    assert "90-100 | ####" in capsys.readouterr().out
-
-    # No server: offline metrics still written, exit code 2, and how to start a judge.
-    out = tmp_path / "report.json"
-    assert (
-        evaluate.main([str(path), "--judge-url", f"http://127.0.0.1:{closed_port()}", "--out", str(out)]) == 2
-    )
-    assert json.loads(out.read_text())["rouge_l"] == pytest.approx(0.5)
-    assert "ollama serve" in capsys.readouterr().out
-
-
-def test_evaluate_script_explains_a_missing_response_key(tmp_path):
-    evaluate = load_script("evaluate_responses")
-    path = tmp_path / "responses.json"
-    path.write_text(json.dumps([ENTRY_WITH_INPUT]))
-    with pytest.raises(SystemExit, match="model_response"):
-        evaluate.main([str(path)])
-
-
-def test_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(monkeypatch, capsys):
+def test_the_ch07_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(monkeypatch, capsys):
     import shared.weights
     from shared.download import DownloadError
-    from shared.instruction import SMALL_MODEL_CONFIG, load_base_model
+    from shared.instruction import SMALL_MODEL_CONFIG
 
     def offline(*args, **kwargs):
         raise DownloadError("Could not download model.safetensors. Tried: ... (offline)")
 
     monkeypatch.setattr(shared.weights, "download_gpt2", offline)
-    model, description, pretrained = load_base_model("gpt2-medium")
+    model, description, pretrained = load_gpt2_or_standin("gpt2-medium", standin_config=SMALL_MODEL_CONFIG)
     assert not pretrained and "TINY" in description
     assert model.cfg["emb_dim"] == SMALL_MODEL_CONFIG["emb_dim"]
     assert "Could not get gpt2-medium" in capsys.readouterr().out
 
 
-def test_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
-    from shared.instruction import load_base_model
+def test_the_ch07_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
     from shared.weights import save_hf_gpt2
 
     original = tiny_model(vocab_size=20)
     save_hf_gpt2(original, tmp_path / "ckpt")
-    model, description, pretrained = load_base_model(model_dir=tmp_path / "ckpt")
+    model, description, pretrained = load_gpt2_or_standin("gpt2-medium", model_dir=tmp_path / "ckpt")
     assert pretrained and "ckpt" in description
     assert model.cfg["drop_rate"] == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
@@ -617,7 +376,7 @@ def test_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
 def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, monkeypatch):
     from shared.weights import load_hf_gpt2
 
-    finetune = load_script("finetune_instructions")
+    finetune = load_script("ch07", "finetune_instructions")
     monkeypatch.setattr(finetune, "QUICK_SIZES", {"train": 16, "val": 8, "test": 3, "max_new_tokens": 4})
     report = finetune.main(["--quick", "--epochs", "1", "--eval-iter", "1", "--out-dir", str(tmp_path)])
     assert report["val_loss_after"] < report["val_loss_before"]
@@ -631,5 +390,5 @@ def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, m
 def test_an_entry_that_writes_endoftext_is_tokenised_as_plain_text(gpt2_tokenizer):
     entry = {**ENTRY_WITH_INPUT, "output": "Documents end with <|endoftext|> in GPT-2's data."}
     example = InstructionDataset([entry], gpt2_tokenizer)[0]
-    assert 50256 not in example.token_ids  # not the special token: the characters themselves
+    assert GPT2_EOT_ID not in example.token_ids  # not the special token: the characters themselves
     assert gpt2_tokenizer.decode(list(example.token_ids)).endswith(entry["output"])

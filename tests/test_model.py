@@ -251,7 +251,7 @@ def test_set_dropout_refuses_a_rate_outside_zero_to_one(rate):
 
 
 def test_range_check_can_be_skipped_but_the_dtype_check_cannot():
-    from shared.model import check_token_ids
+    from shared.tokenizer import check_token_ids
 
     check_token_ids(torch.tensor([[999]]), 10, check_range=False)  # what forward does off the CPU
     with pytest.raises(ValueError, match="integers"):

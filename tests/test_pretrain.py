@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_process_tree
 from safetensors.torch import load_file
 
 from shared import distributed
@@ -54,7 +55,7 @@ def _args(data, checkpoints, out, *extra):
 
 
 def run_script(args, timeout=240):
-    result = distributed.run_process_tree([sys.executable, PRETRAIN, *args], timeout=timeout, cwd=ROOT, env=_env())
+    result = run_process_tree([sys.executable, PRETRAIN, *args], timeout=timeout, cwd=ROOT, env=_env())
     return result
 
 

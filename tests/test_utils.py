@@ -126,3 +126,13 @@ def test_eval_mode_switches_dropout_off_and_restores_the_mode_even_after_an_erro
     with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
         raise RuntimeError("boom")
     assert model.training is training
+
+
+def test_run_dir_makes_a_new_folder_per_run_unless_one_is_named(tmp_path):
+    from shared.utils import run_dir
+
+    first, second = run_dir(None, tmp_path / "runs"), run_dir(None, tmp_path / "runs")
+    assert first != second and first.is_dir() and second.is_dir() and first.parent == tmp_path / "runs"
+    named = run_dir(tmp_path / "mine" / "deep", tmp_path / "runs")
+    assert named == tmp_path / "mine" / "deep" and named.is_dir()
+    assert run_dir(named, tmp_path / "runs") == named  # an existing folder named on purpose is reused

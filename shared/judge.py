@@ -1,0 +1,307 @@
+"""LLM judges for ch07's responses: a local chat server scores each answer from 0 to 100.
+
+- :func:`judge_prompt`: what the judge reads (the task, the reference answer, the answer to score);
+- :func:`make_judge`: a client for Ollama's ``/api/chat`` or any OpenAI-compatible
+  ``/v1/chat/completions`` server (llama.cpp, vLLM, LM Studio), standard library only, with
+  time limits, retries and errors that say how to start a server;
+- :func:`parse_score`: the score in the judge's reply, or None when there is none;
+- :func:`score_responses`: score many responses; a failure leaves one unscored and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from shared.instruction import format_input
+
+# ---------------------------------------------------------------------------------------
+# The judge's score
+# ---------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+
+
+def parse_score(text: str | None) -> int | None:
+    """The score in a judge's reply: its first number, if that is between 0 and 100.
+
+    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
+    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
+    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
+    "unscored": callers count those instead of guessing.
+    """
+    if not text:
+        return None
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    value = float(match.group())
+    if not 0 <= value <= 100:
+        return None
+    return int(round(value))
+
+
+def judge_prompt(entry: dict, response: str, style: str = "alpaca") -> str:
+    """What the judge reads: the task, the reference answer, the answer to score, and the scale."""
+    return (
+        "You are grading the answer of an assistant to an instruction.\n\n"
+        f"Instruction and input:\n{format_input(entry, style)}\n\n"
+        f"Reference answer:\n{entry['output']}\n\n"
+        f"Assistant's answer:\n{response}\n\n"
+        "Score the assistant's answer from 0 to 100, where 100 means as good as the reference answer "
+        "and 0 means wrong or unrelated. Reply with the integer only."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Judge clients (standard library only)
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_JUDGE_URL = "http://localhost:11434"  # Ollama's default address
+DEFAULT_JUDGE_MODEL = "llama3"
+
+HOW_TO_START_A_JUDGE = (
+    "To score with an LLM judge, start a local server, for example\n"
+    "  Ollama:     ollama serve   (then: ollama pull llama3)      -> url http://localhost:11434\n"
+    "  llama.cpp:  llama-server -m model.gguf --port 8080         -> url http://localhost:8080/v1\n"
+    "  vLLM, LM Studio or any OpenAI-compatible server            -> url http://HOST:PORT/v1"
+)
+
+
+class JudgeError(RuntimeError):
+    """The judge server could not be reached or gave no usable answer."""
+
+
+class Judge:
+    """A chat-completion client for a local judge server.
+
+    ``ask(prompt)`` sends one user message and returns the reply text. Each request has a
+    ``timeout`` (seconds); connection errors, timeouts and HTTP 5xx are retried up to
+    ``attempts`` times in all, waiting ``backoff``, 2 x ``backoff``, ... between tries. HTTP 4xx,
+    malformed JSON and a reply without text are not retried. Every failure raises
+    :class:`JudgeError` with a message that says what went wrong and what to do.
+    """
+
+    endpoint = ""
+    probe_endpoint = ""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_JUDGE_URL,
+        model: str = DEFAULT_JUDGE_MODEL,
+        timeout: float = 60.0,
+        attempts: int = 3,
+        backoff: float = 1.0,
+        seed: int = 123,
+    ):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}.")
+        self.base_url = url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.base_url!r}, model={self.model!r})"
+
+    def payload(self, prompt: str) -> dict:
+        """The request body: one user message, and the server kind's sampling settings."""
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], **self.settings()}
+
+    # What differs between the two server kinds.
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def reply_text(self, body: str) -> str:
+        raise NotImplementedError
+
+    def _request(self, url: str, data: bytes | None) -> str:
+        """One HTTP request with retries; returns the response body as text."""
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        last_problem = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read().decode("utf-8", errors="replace")
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode("utf-8", errors="replace")[:200]
+                last_problem = f"HTTP {error.code} from {url}: {detail or error.reason}"
+                if error.code < 500:  # our request is wrong (e.g. unknown model): retrying will not help
+                    hint = f" Is the model {self.model!r} available on the server (ollama pull {self.model})?"
+                    raise JudgeError(last_problem + (hint if error.code == 404 else "")) from error
+            except TimeoutError as error:
+                last_problem = f"no answer from {url} within {self.timeout} s ({error})"
+            except urllib.error.URLError as error:
+                if isinstance(error.reason, (TimeoutError, socket.timeout)):
+                    last_problem = f"no answer from {url} within {self.timeout} s"
+                else:
+                    last_problem = f"cannot reach {url}: {error.reason}"
+            except (ConnectionError, OSError) as error:
+                last_problem = f"connection to {url} failed: {error}"
+        raise JudgeError(f"{last_problem} (after {self.attempts} attempts).\n{HOW_TO_START_A_JUDGE}")
+
+    def ask(self, prompt: str) -> str:
+        """Send ``prompt`` as one user message; return the judge's reply text."""
+        body = self._request(self.base_url + self.endpoint, json.dumps(self.payload(prompt)).encode())
+        return self.reply_text(body)
+
+    def check(self, timeout: float = 3.0) -> str | None:
+        """None when the server answers (one quick try), else a message saying why not and how to start one."""
+        saved = self.attempts, self.timeout
+        self.attempts, self.timeout = 1, min(timeout, self.timeout)
+        try:
+            self._request(self.base_url + self.probe_endpoint, None)
+        except JudgeError as error:
+            return str(error)
+        finally:
+            self.attempts, self.timeout = saved
+        return None
+
+
+def _load_json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JudgeError(f"the judge server sent malformed JSON for {what}: {text[:200]!r}") from error
+
+
+class OllamaJudge(Judge):
+    """Ollama's ``POST /api/chat`` (temperature 0, fixed seed). Streams of JSON lines are joined."""
+
+    endpoint = "/api/chat"
+    probe_endpoint = "/api/tags"
+
+    def settings(self) -> dict:
+        return {"stream": False, "options": {"temperature": 0, "seed": self.seed, "num_ctx": 2048}}
+
+    def reply_text(self, body: str) -> str:
+        # Non-streaming: one JSON object. Streaming: one object per line, each with a piece.
+        lines = [line for line in body.splitlines() if line.strip()]
+        if not lines:
+            raise JudgeError("the judge server sent an empty reply.")
+        pieces = []
+        for line in lines:
+            message = _load_json(line, "an Ollama chat reply")
+            if not isinstance(message, dict):
+                raise JudgeError(f"unexpected Ollama reply: {line[:200]!r}")
+            if "error" in message:
+                raise JudgeError(f"the Ollama server reported an error: {message['error']}")
+            content = (message.get("message") or {}).get("content")
+            if content is None:
+                raise JudgeError(f"Ollama reply without message.content: {line[:200]!r}")
+            pieces.append(content)
+        return "".join(pieces)
+
+
+class OpenAIJudge(Judge):
+    """An OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp server, vLLM, LM Studio)."""
+
+    endpoint = "/chat/completions"
+    probe_endpoint = "/models"
+
+    def settings(self) -> dict:
+        return {"temperature": 0, "seed": self.seed}
+
+    def reply_text(self, body: str) -> str:
+        reply = _load_json(body, "a chat completion")
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as error:
+            raise JudgeError(f"reply without choices[0].message.content: {body[:200]!r}") from error
+        if not isinstance(content, str):
+            raise JudgeError(f"reply content is not text: {content!r}")
+        return content
+
+
+def make_judge(url: str = DEFAULT_JUDGE_URL, model: str = DEFAULT_JUDGE_MODEL, **options) -> Judge:
+    """The client for ``url``: an OpenAI-compatible one when the path ends in ``/v1``, else Ollama.
+
+    ``http://localhost:11434`` -> Ollama; ``http://localhost:8080/v1`` -> OpenAI-compatible.
+    ``options`` go to :class:`Judge` (timeout, attempts, backoff, seed).
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"judge url must look like http://HOST:PORT or http://HOST:PORT/v1, got {url!r}.")
+    if parsed.path.rstrip("/").endswith("/v1"):
+        return OpenAIJudge(url, model, **options)
+    return OllamaJudge(url, model, **options)
+
+
+@dataclass
+class JudgeReport:
+    """Scores of a batch of responses: one entry per response, None where unscored."""
+
+    scores: list[int | None] = field(default_factory=list)
+    replies: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def scored(self) -> list[int]:
+        return [s for s in self.scores if s is not None]
+
+    @property
+    def unscored(self) -> int:
+        return sum(s is None for s in self.scores)
+
+    @property
+    def average(self) -> float | None:
+        return sum(self.scored) / len(self.scored) if self.scored else None
+
+    def histogram(self, bin_width: int = 10) -> dict[str, int]:
+        """Counts per score range ("0-9", ..., "90-100"), plus "unscored"."""
+        edges = list(range(0, 100, bin_width))
+        counts = {f"{lo}-{lo + bin_width - 1 if lo + bin_width < 100 else 100}": 0 for lo in edges}
+        labels = list(counts)
+        for score in self.scored:
+            counts[labels[min(score // bin_width, len(labels) - 1)]] += 1
+        counts["unscored"] = self.unscored
+        return counts
+
+
+def score_responses(
+    entries: Sequence[dict],
+    judge: Judge | Callable[[str], str],
+    response_key: str = "model_response",
+    style: str = "alpaca",
+    progress: bool = False,
+) -> JudgeReport:
+    """Ask the judge to score each entry's response; a failure leaves that one unscored and goes on.
+
+    ``judge`` is a :class:`Judge` or any function prompt -> reply text. An entry whose request
+    fails (server down, HTTP 500, timeout, malformed JSON) gets score None and its error; so
+    does a reply without a valid score (see :func:`parse_score`), with the reply kept.
+    """
+    ask = judge.ask if isinstance(judge, Judge) else judge
+    report = JudgeReport()
+    items = entries
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(entries, desc="scoring", unit="response")
+    for entry in items:
+        if response_key not in entry:
+            raise KeyError(f"entry has no {response_key!r}; generate the responses first.")
+        try:
+            reply = ask(judge_prompt(entry, entry[response_key], style))
+        except JudgeError as error:
+            report.scores.append(None)
+            report.replies.append(None)
+            report.errors.append(str(error).splitlines()[0])
+            continue
+        score = parse_score(reply)
+        report.scores.append(score)
+        report.replies.append(reply)
+        report.errors.append(None if score is not None else "no score between 0 and 100 in the reply")
+    return report

@@ -1,0 +1,241 @@
+"""shared.judge: the score parser, the judge clients against a local fake server, and
+ch07/evaluate_responses.py."""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from scripts import load_script
+
+from shared.judge import JudgeError, OllamaJudge, OpenAIJudge, make_judge, parse_score, score_responses
+
+ENTRY_WITH_INPUT = {
+    "instruction": "Convert to passive voice.",
+    "input": "The cat ate the fish.",
+    "output": "The fish was eaten by the cat.",
+}
+ENTRY_WITHOUT_INPUT = {"instruction": "Name a primary colour.", "input": "", "output": "Red."}
+
+# ---------------------------------------------------------------------------------------
+# Score parser
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("85", 85),
+        ("Score: 72/100", 72),
+        ("  100\n", 100),
+        ("0", 0),
+        ("90.0", 90),
+        ("I would rate this 65 out of 100.", 65),
+        ("Score: 105", None),
+        ("-5", None),
+        ("I cannot rate this answer.", None),
+        ("", None),
+        (None, None),
+        ("Llama3 says 40", 40),
+    ],
+)
+def test_parse_score(reply, score):
+    assert parse_score(reply) == score
+
+
+# ---------------------------------------------------------------------------------------
+# Judge clients against a local server
+# ---------------------------------------------------------------------------------------
+
+
+class FakeJudgeHandler(BaseHTTPRequestHandler):
+    """Answers like Ollama or an OpenAI-compatible server; ``server.mode`` picks the behaviour."""
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, status, body, content_type="application/json"):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, json.dumps({"models": [], "data": []}))
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, request))
+        mode, reply = self.server.mode, self.server.reply
+        if mode == "http500":
+            self._send(500, "internal error")
+        elif mode == "malformed":
+            self._send(200, "{not json")
+        elif mode == "hang":
+            time.sleep(1.5)  # longer than the client's timeout; bounded so the thread ends
+            try:
+                self._send(200, "{}")
+            except OSError:  # the client has hung up already
+                pass
+        elif self.path == "/api/chat" and mode == "stream":
+            pieces = [reply[: len(reply) // 2], reply[len(reply) // 2 :]]
+            lines = [
+                json.dumps({"message": {"role": "assistant", "content": p}, "done": False}) for p in pieces
+            ]
+            lines.append(json.dumps({"message": {"role": "assistant", "content": ""}, "done": True}))
+            self._send(200, "\n".join(lines) + "\n", "application/x-ndjson")
+        elif self.path == "/api/chat":
+            self._send(200, json.dumps({"message": {"role": "assistant", "content": reply}, "done": True}))
+        elif self.path == "/v1/chat/completions":
+            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}))
+        else:
+            self._send(404, "not found")
+
+
+@pytest.fixture
+def judge_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeHandler)
+    server.daemon_threads = True
+    server.mode, server.reply, server.requests = "ok", "85", []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def url_of(server, suffix=""):
+    return f"http://127.0.0.1:{server.server_address[1]}{suffix}"
+
+
+FAST = {"timeout": 0.5, "attempts": 2, "backoff": 0.0}
+
+
+def test_make_judge_picks_the_client_from_the_url():
+    assert isinstance(make_judge("http://localhost:11434"), OllamaJudge)
+    assert isinstance(make_judge("http://localhost:8080/v1"), OpenAIJudge)
+    assert isinstance(make_judge("http://localhost:8080/v1/"), OpenAIJudge)
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        make_judge("localhost:11434")
+
+
+@pytest.mark.parametrize("mode", ["ok", "stream"])
+def test_ollama_judge_reads_plain_and_streamed_replies(judge_server, mode):
+    judge_server.mode, judge_server.reply = mode, "Score: 85"
+    judge = make_judge(url_of(judge_server), model="llama3", **FAST)
+    assert judge.check() is None
+    assert judge.ask("rate this") == "Score: 85"
+    path, request = judge_server.requests[-1]
+    assert path == "/api/chat" and request["model"] == "llama3"
+    assert request["options"]["temperature"] == 0 and request["options"]["seed"] == 123
+
+
+def test_openai_judge_reads_chat_completions(judge_server):
+    judge_server.reply = "72"
+    judge = make_judge(url_of(judge_server, "/v1"), model="any", **FAST)
+    assert judge.ask("rate this") == "72"
+    path, request = judge_server.requests[-1]
+    assert path == "/v1/chat/completions" and request["temperature"] == 0
+
+
+def test_http_500_is_retried_then_reported(judge_server):
+    judge_server.mode = "http500"
+    with pytest.raises(JudgeError, match="HTTP 500.*after 2 attempts"):
+        make_judge(url_of(judge_server), **FAST).ask("x")
+    assert len(judge_server.requests) == 2  # bounded retries
+
+
+def test_malformed_json_is_reported(judge_server):
+    judge_server.mode = "malformed"
+    with pytest.raises(JudgeError, match="malformed JSON"):
+        make_judge(url_of(judge_server, "/v1"), **FAST).ask("x")
+
+
+def test_a_hanging_server_times_out(judge_server):
+    judge_server.mode = "hang"  # the server answers only after 1.5 s
+    judge = make_judge(url_of(judge_server), timeout=0.2, attempts=1, backoff=0.0)
+    with pytest.raises(JudgeError, match="no answer .* within 0.2 s"):
+        judge.ask("x")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_closed_port_says_how_to_start_a_server():
+    judge = make_judge(f"http://127.0.0.1:{closed_port()}", **FAST)
+    message = judge.check()
+    assert message is not None and "cannot reach" in message and "ollama serve" in message
+    with pytest.raises(JudgeError, match="cannot reach"):
+        judge.ask("x")
+
+
+def test_batch_scoring_carries_on_and_counts_the_unscored(judge_server):
+    entries = [{**ENTRY_WITH_INPUT, "model_response": f"answer {i}"} for i in range(4)]
+    replies = iter(["85", "Score: 105", "no idea", "40"])
+
+    def handler_reply():
+        judge_server.reply = next(replies)
+
+    judge = make_judge(url_of(judge_server), **FAST)
+
+    def ask(prompt):
+        handler_reply()
+        if judge_server.reply == "no idea":
+            judge_server.mode = "http500"
+        try:
+            return judge.ask(prompt)
+        finally:
+            judge_server.mode = "ok"
+
+    report = score_responses(entries, ask)
+    assert report.scores == [85, None, None, 40]
+    assert report.unscored == 2 and report.average == pytest.approx(62.5)
+    assert report.errors[1] == "no score between 0 and 100 in the reply" and "HTTP 500" in report.errors[2]
+    assert report.histogram()["80-89"] == 1 and report.histogram()["unscored"] == 2
+    assert "answer 0" in judge_server.requests[0][1]["messages"][0]["content"]
+
+
+def test_batch_scoring_with_the_server_down_leaves_everything_unscored():
+    entries = [{**ENTRY_WITHOUT_INPUT, "model_response": "Red"}] * 2
+    report = score_responses(entries, make_judge(f"http://127.0.0.1:{closed_port()}", **FAST))
+    assert report.scores == [None, None] and report.average is None
+    assert all("cannot reach" in e for e in report.errors)
+
+
+def test_evaluate_script_scores_offline_and_with_a_judge(judge_server, tmp_path, capsys):
+    evaluate = load_script("ch07", "evaluate_responses")
+    entries = [
+        {**ENTRY_WITH_INPUT, "model_response": "The fish was eaten by the cat."},
+        {**ENTRY_WITHOUT_INPUT, "model_response": "Blue."},
+    ]
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(entries))
+    judge_server.reply = "90"
+    assert evaluate.main([str(path), "--judge-url", url_of(judge_server)]) == 0
+    report = json.loads((tmp_path / "responses-report.json").read_text())
+    assert report["rouge_l"] == pytest.approx(0.5) and report["exact_match"] == pytest.approx(0.5)
+    assert report["judge"]["average"] == 90 and report["judge"]["unscored"] == 0
+    assert "90-100 | ####" in capsys.readouterr().out
+
+    # No server: offline metrics still written, exit code 2, and how to start a judge.
+    out_dir = tmp_path / "elsewhere"
+    down = f"http://127.0.0.1:{closed_port()}"
+    assert evaluate.main([str(path), "--judge-url", down, "--out-dir", str(out_dir)]) == 2
+    assert json.loads((out_dir / "responses-report.json").read_text())["rouge_l"] == pytest.approx(0.5)
+    assert "ollama serve" in capsys.readouterr().out
+
+
+def test_evaluate_script_explains_a_missing_response_key(tmp_path):
+    evaluate = load_script("ch07", "evaluate_responses")
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([ENTRY_WITH_INPUT]))
+    with pytest.raises(SystemExit, match="model_response"):
+        evaluate.main([str(path)])
