@@ -17,7 +17,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, resume
 - ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
 - ``shared.classification`` (ch06): prepare_spam_splits, read_split, SpamDataset, pad_batch, create_classification_loader, make_classifier, count_trainable, classifier_logits, last_real_token_index, classification_loss, loss_from_logits, predict_from_logits, accuracy_callback, calc_accuracy_loader, classify_text, save_classifier, load_classifier, POOLINGS, PAD_TOKEN_ID
-- ``shared.instruction`` (ch07): format_input, format_prompt, split_entries, InstructionDataset, collate_fn, generate_batch_ids, generate_responses, clean_response, rouge_l, exact_match, response_perplexity, PROMPT_STYLES, SMALL_MODEL_CONFIG, SMALL_MODEL_LR, PRETRAINED_LR
+- ``shared.instruction`` (ch07): format_input, parse_score, format_prompt, split_entries, InstructionDataset, collate_fn, generate_batch_ids, generate_responses, clean_response, rouge_l, exact_match, response_perplexity, PROMPT_STYLES, SMALL_MODEL_CONFIG, SMALL_MODEL_LR, PRETRAINED_LR
 - ``shared.judge`` (ch07): make_judge, judge_prompt, parse_score, score_responses, JudgeError, DEFAULT_JUDGE_MODEL, HOW_TO_START_A_JUDGE
 - ``shared.distributed`` (appendix_A): distributed_session, DistributedInfo, launch_torchrun, print_main, mean_across_processes, unwrap
 """

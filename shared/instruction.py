@@ -427,3 +427,26 @@ def response_perplexity(
             total_loss += loss.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
     return math.exp(total_loss / total_tokens)
+
+
+# The judge's score (shared.judge asks for it; parsing it is part of scoring, so it lives with the metrics)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+
+
+def parse_score(text: str | None) -> int | None:
+    """The score in a judge's reply: its first number, if that is between 0 and 100.
+
+    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
+    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
+    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
+    "unscored": callers count those instead of guessing.
+    """
+    if not text:
+        return None
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    value = float(match.group())
+    if not 0 <= value <= 100:
+        return None
+    return int(round(value))

@@ -4,14 +4,13 @@
 - :func:`make_judge`: a client for Ollama's ``/api/chat`` or any OpenAI-compatible
   ``/v1/chat/completions`` server (llama.cpp, vLLM, LM Studio), standard library only, with
   time limits, retries and errors that say how to start a server;
-- :func:`parse_score`: the score in the judge's reply, or None when there is none;
+- :func:`parse_score` (from :mod:`shared.instruction`): the score in the judge's reply, or None;
 - :func:`score_responses`: score many responses; a failure leaves one unscored and goes on.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 import urllib.error
@@ -20,32 +19,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared.instruction import format_input
-
-# ---------------------------------------------------------------------------------------
-# The judge's score
-# ---------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
-
-
-def parse_score(text: str | None) -> int | None:
-    """The score in a judge's reply: its first number, if that is between 0 and 100.
-
-    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
-    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
-    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
-    "unscored": callers count those instead of guessing.
-    """
-    if not text:
-        return None
-    match = _NUMBER.search(text)
-    if match is None:
-        return None
-    value = float(match.group())
-    if not 0 <= value <= 100:
-        return None
-    return int(round(value))
+from shared.instruction import format_input, parse_score  # parse_score: a metric, kept in instruction
 
 
 def judge_prompt(entry: dict, response: str, style: str = "alpaca") -> str:

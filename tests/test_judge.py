@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from scripts import load_script
 
+from shared import instruction
 from shared.judge import JudgeError, OllamaJudge, OpenAIJudge, make_judge, parse_score, score_responses
 
 ENTRY_WITH_INPUT = {
@@ -239,3 +240,9 @@ def test_evaluate_script_explains_a_missing_response_key(tmp_path):
     path.write_text(json.dumps([ENTRY_WITH_INPUT]))
     with pytest.raises(SystemExit, match="model_response"):
         evaluate.main([str(path)])
+
+
+def test_parse_score_keeps_its_public_home_in_shared_instruction():
+    # Checks outside the repository import it from shared.instruction (issue 19's public names).
+    assert instruction.parse_score is parse_score
+    assert instruction.parse_score("Score: 72") == 72
