@@ -232,7 +232,9 @@ class BatchingEngine:
         if settings.temperature > 0:
             seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**63)
             rng_state = torch.Generator().manual_seed(seed).get_state()
-        request = GenerationRequest(prompt_ids, settings, on_event, TextAssembler(self.tokenizer, settings.stop))
+        request = GenerationRequest(
+            prompt_ids, settings, on_event, TextAssembler(self.tokenizer, settings.stop)
+        )
         request.rng_state = rng_state
         with self._wakeup:
             self._waiting.append(request)
@@ -315,7 +317,9 @@ class BatchingEngine:
     def _deliver(self, batch: RunningBatch) -> RunningBatch | None:
         """Send each row its new token's text; return the batch without the rows that finished."""
         keep = []
-        for row, (request, token_id) in enumerate(zip(batch.requests, batch.last_ids[:, 0].tolist(), strict=True)):
+        for row, (request, token_id) in enumerate(
+            zip(batch.requests, batch.last_ids[:, 0].tolist(), strict=True)
+        ):
             if request.cancelled.is_set():
                 continue
             finish = self._advance(request, token_id)
