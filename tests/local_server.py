@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shutil
 import socket
 import sys
 import threading
@@ -83,3 +84,40 @@ def running_server(model, *, api_key=None, max_batch=8, max_in_flight=32, max_to
         thread.join(timeout=10)
         engine.stop()
         sock.close()
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1000,800",
+)
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """(browser, driver) paths of an installed Chromium and chromedriver, or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def headless_chromium(user_data_dir: Path, dark: bool = False):
+    """A selenium driver for headless Chromium with a fresh profile in ``user_data_dir``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = find_chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={user_data_dir}")
+    if dark:
+        options.add_argument("--force-dark-mode")
+        options.add_argument("--blink-settings=preferredColorScheme=0")  # 0: dark
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
