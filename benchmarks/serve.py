@@ -116,7 +116,7 @@ def measure(local_server, model, instructions: list[str]) -> dict:
 
 
 def screenshot(local_server, model, path: Path) -> None:
-    """The chat page after one question, in headless Chromium (a fresh profile, deleted after)."""
+    """The chat page after one question, in light and dark mode, in headless Chromium (a fresh profile)."""
     name = "gpt2-small-shaped (random weights)"
     with (
         local_server.running_server(model, name=name, max_tokens=256) as (url, _),
@@ -133,9 +133,13 @@ def screenshot(local_server, model, path: Path) -> None:
                     break
                 time.sleep(0.1)
             browser.save_screenshot(str(path))
+            dark = path.with_name(f"{path.stem}_dark{path.suffix}")
+            scheme = {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia", scheme)
+            browser.save_screenshot(str(dark))
         finally:
             browser.quit()
-    print(f"wrote {path}")
+    print(f"wrote {path} and {dark}")
 
 
 def main(argv=None) -> None:

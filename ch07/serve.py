@@ -114,7 +114,7 @@ def chat_prompt(messages: list[Message]) -> str:
 
 
 class Server:
-    """The app's state: the engine, the tokenizer, the limits and the requests in flight."""
+    """The app's state: the engine (with the model and tokenizer), the limits and the requests in flight."""
 
     def __init__(
         self,
@@ -171,7 +171,11 @@ class Server:
             error.headers["Retry-After"] = "1"
             raise error
         self.in_flight += 1
-        return Generation(self, prompt_ids, settings, request)
+        try:
+            return Generation(self, prompt_ids, settings, request)
+        except BaseException:
+            self.in_flight -= 1
+            raise
 
 
 class Generation:

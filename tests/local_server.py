@@ -106,7 +106,7 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def headless_chromium(user_data_dir: Path, dark: bool = False):
+def headless_chromium(user_data_dir: Path):
     """A selenium driver for headless Chromium with a fresh profile in ``user_data_dir``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -117,7 +117,4 @@ def headless_chromium(user_data_dir: Path, dark: bool = False):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={user_data_dir}")
-    if dark:
-        options.add_argument("--force-dark-mode")
-        options.add_argument("--blink-settings=preferredColorScheme=0")  # 0: dark
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -375,3 +376,26 @@ def test_load_model_reads_a_finetune_out_dir_and_names_missing_folders(tmp_path)
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)
     with pytest.raises(SystemExit, match="no such folder"):
         serve.load_model(str(tmp_path / "missing"), "cpu")
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_runs_in_quick_mode_and_writes_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "serve.py"), "--out", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for mode in ("batched", "one_at_a_time"):
+        rows = report["models"]["tiny"][mode]
+        assert [row["clients"] for row in rows] == [1, 2]
+        assert all(row["tokens"] == row["clients"] * report["new_tokens"] for row in rows)
+        assert all(row["tokens_per_s"] > 0 and row["median_first_token_s"] > 0 for row in rows)
+    assert "| tiny | 2 |" in result.stdout
