@@ -345,6 +345,35 @@ def test_past_the_in_flight_cap_a_request_gets_429_with_retry_after_and_a_discon
         assert after.status_code == 200
 
 
+class FailingOnceGPT(GPTModel):
+    """The tiny model, but its next forward pass raises, as a real one might (out of memory, a bug)."""
+
+    fail_next = False
+
+    def forward(self, *args, **kwargs):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated failure")
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_failing_generation_gives_an_error_object_and_the_server_goes_on(model):
+    failing = FailingOnceGPT(TINY_SERVED).eval()
+    failing.load_state_dict(model.state_dict())
+    with running_server(failing) as (url, _):
+        failing.fail_next = True
+        error = assert_error(httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}), 500)
+        assert "simulated failure" in error["message"] and error["type"] == "server_error"
+        failing.fail_next = True
+        body = {"prompt": "Hi", "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert "simulated failure" in json.loads(lines[0][len("data: ") :])["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
+
+
 def test_a_non_loopback_host_needs_an_api_key():
     serve = load_serve_script()
     with pytest.raises(SystemExit):
