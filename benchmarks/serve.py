@@ -20,6 +20,7 @@ Chromium). ``LLMS_QUICK=1`` shrinks everything to a smoke test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -106,12 +107,25 @@ def run_clients(url: str, instructions: list[str], clients: int) -> dict:
 
 
 def measure(local_server, model, instructions: list[str]) -> dict:
-    """Every number of clients, batched and one at a time, on the same model."""
-    rows = {}
-    for mode, max_batch in (("batched", 8), ("one_at_a_time", 1)):
-        with local_server.running_server(model, max_batch=max_batch, max_tokens=NEW_TOKENS) as (url, _):
+    """Every number of clients, batched and one at a time, on the same model.
+
+    Both servers run side by side (one model, two engines, never busy at the same time) and
+    the two modes take turns for each number of clients, so drift in the machine's load hits
+    both alike.
+    """
+    rows = {"batched": [], "one_at_a_time": []}
+    with contextlib.ExitStack() as stack:
+        urls = {
+            mode: stack.enter_context(
+                local_server.running_server(model, max_batch=size, max_tokens=NEW_TOKENS)
+            )[0]
+            for mode, size in (("batched", 8), ("one_at_a_time", 1))
+        }
+        for url in urls.values():
             run_clients(url, instructions, 1)  # warm-up
-            rows[mode] = [run_clients(url, instructions, n) for n in CLIENTS]
+        for clients in CLIENTS:
+            for mode, url in urls.items():
+                rows[mode].append(run_clients(url, instructions, clients))
     return rows
 
 
@@ -147,7 +161,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve.json")
     parser.add_argument("--screenshot", type=Path, help="also save a PNG of the chat page here")
     parser.add_argument("--device", default="cpu", help="where the model runs (default cpu, the target)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = environment(args.device)
     print(describe(record))
     local_server = load_local_server()
