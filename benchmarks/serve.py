@@ -129,9 +129,8 @@ def measure(local_server, model, instructions: list[str]) -> dict:
     return rows
 
 
-def screenshot(local_server, model, path: Path) -> None:
+def screenshot(local_server, model, path: Path, name: str) -> None:
     """The chat page after one question, in light and dark mode, in headless Chromium (a fresh profile)."""
-    name = "gpt2-small-shaped (random weights)"
     with (
         local_server.running_server(model, name=name, max_tokens=256) as (url, _),
         tempfile.TemporaryDirectory() as profile,
@@ -139,6 +138,8 @@ def screenshot(local_server, model, path: Path) -> None:
         browser = local_server.headless_chromium(Path(profile))
         try:
             browser.get(url + "/")
+            browser.execute_script("document.getElementById('max-tokens').value = '40';")
+            browser.execute_script("document.getElementById('seed').value = '1';")
             browser.find_element("id", "prompt").send_keys("Rewrite the sentence using a simile.")
             browser.find_element("id", "send").click()
             for _ in range(600):  # bounded: at most ~60 s
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
                 f"| {ratio:.2f}x | {batched['median_first_token_s']:.2f} s | {alone['median_first_token_s']:.2f} s |"
             )
         if args.screenshot and name == list(MODELS)[-1]:
-            screenshot(local_server, model, args.screenshot)
+            screenshot(local_server, model, args.screenshot, f"{name} (random weights)")
     write_report(args.out, "serve", record, results)
 
 
