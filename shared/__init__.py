@@ -20,6 +20,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.instruction`` (ch07): format_input, parse_score, format_prompt, split_entries, InstructionDataset, collate_fn, generate_batch_ids, generate_responses, clean_response, rouge_l, exact_match, response_perplexity, PROMPT_STYLES, SMALL_MODEL_CONFIG, SMALL_MODEL_LR, PRETRAINED_LR
 - ``shared.judge`` (ch07): make_judge, judge_prompt, parse_score, score_responses, JudgeError, DEFAULT_JUDGE_MODEL, HOW_TO_START_A_JUDGE
 - ``shared.distributed`` (appendix_A): distributed_session, DistributedInfo, launch_torchrun, print_main, mean_across_processes, unwrap
+- ``shared.serving`` (ch07): BatchingEngine, SamplingSettings, Event, TextAssembler
 """
 
 __version__ = "0.1.0"
