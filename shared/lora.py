@@ -294,7 +294,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
     :func:`apply_lora` call; the model must not be merged. Checked completely before anything is copied."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA layers: call apply_lora with the adapter's rank and alpha first.")
+        raise ValueError(
+            "the model has no LoRA layers: call apply_lora with the adapter's rank and alpha first."
+        )
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model's adapters are merged; call unmerge_lora before loading another adapter.")
     _check_adapter(layers, state)
