@@ -21,6 +21,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.judge`` (ch07): make_judge, judge_prompt, parse_score, score_responses, JudgeError, DEFAULT_JUDGE_MODEL, HOW_TO_START_A_JUDGE
 - ``shared.distributed`` (appendix_A): distributed_session, DistributedInfo, launch_torchrun, print_main, mean_across_processes, unwrap
 - ``shared.serving`` (ch07): BatchingEngine, SamplingSettings, Event, TextAssembler
+- ``shared.lora`` (appendix_E): LoRALayer, LinearWithLoRA, apply_lora, merge_lora, unmerge_lora, remove_lora, lora_layers, lora_state_dict, load_lora_state_dict, KINDS
 """
 
 __version__ = "0.1.0"

@@ -52,7 +52,7 @@ def _ids(paths):
 
 
 def test_every_chapter_folder_has_a_readme():
-    for folder in ["ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "appendix_A", "appendix_D"]:
+    for folder in ["ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "appendix_A", "appendix_D", "appendix_E"]:
         assert (ROOT / folder / "README.md").is_file(), folder
 
 
