@@ -28,7 +28,7 @@ from torch.utils.data import DistributedSampler
 
 from shared.attention import MultiHeadAttention
 from shared.classification import label_ids, make_classifier, prepare_spam_splits, read_split
-from shared.data import load_instruction_data, load_the_verdict
+from shared.data import load_instruction_data, load_sms_spam, load_the_verdict
 from shared.dataloader import create_dataloader
 from shared.generate import generate
 from shared.instruction import IGNORE_INDEX, InstructionDataset, collate_fn, format_prompt, split_entries
@@ -619,20 +619,7 @@ def _separate_dropouts(build) -> str:
             found,
             "each of the three places has its own setting: the embeddings' dropout, each block's attention, each block's shortcut.",
         )
-    ids = torch.randint(0, cfg["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    still = _call(
-        build, "build(cfg, emb=0.0, attention=0.0, shortcut=0.0)", cfg, emb=0.0, attention=0.0, shortcut=0.0
-    )
-    with torch.no_grad():
-        same = torch.allclose(still.train()(ids), still.eval()(ids))
-    _need(
-        same,
-        "all three rates 0, training mode vs evaluation mode",
-        "the same output",
-        "different outputs",
-        "every dropout place should take its rate from the arguments, not from cfg's drop_rate.",
-    )
-    return "each rate reaches its own place, and with all three at 0 nothing else drops."
+    return "each rate reaches its own place, and only its own."
 
 
 def _cache_bytes(cfg: dict, num_tokens: int) -> int:
@@ -783,15 +770,15 @@ def _top_p_vs_top_k(nucleus_size) -> str:
 
 def _tiny_training_run(tmp: Path):
     """A model, optimizer and loaders; trains 1 epoch with a checkpoint; returns them and the 2-epoch weights."""
-    ids = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(0)).tolist()
     loaders = [
         create_dataloader(part, batch_size=2, max_length=8, stride=8, shuffle=False, vocab_size=97)
-        for part in (ids[:320], ids[320:])
+        for part in (ids[:84], ids[84:])
     ]
 
     def fresh(seed):
         torch.manual_seed(seed)
-        model = GPTModel(_tiny_config())
+        model = GPTModel(_tiny_config(emb_dim=16, n_layers=1))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
     settings = dict(eval_freq=5, eval_iter=1, progress=False)
@@ -804,6 +791,13 @@ def _tiny_training_run(tmp: Path):
 
 @exercise("ch05.4", "continue training a checkpoint")
 def _continue_training(train_one_more_epoch) -> str:
+    _need(
+        callable(train_one_more_epoch),
+        "the answer",
+        "a function",
+        train_one_more_epoch,
+        "pass the function itself.",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (train_loader, val_loader), fresh, reference = _tiny_training_run(Path(tmp))
         model, optimizer = fresh(1)  # different starting weights: only the checkpoint can make them right
@@ -971,7 +965,8 @@ def _train_more_layers(answer) -> str:
     )
     given = _field(answer, "trainable_parameters", form)
     counts = {}
-    for name, cfg in [("GPT-2 small", GPT_CONFIGS["gpt2-small"]), ("the stand-in model", STANDIN_CONFIG)]:
+    gpt2_small = {**GPT_CONFIGS["gpt2-small"], "qkv_bias": True}  # as loaded from OpenAI's weights
+    for name, cfg in [("GPT-2 small", gpt2_small), ("the stand-in model", STANDIN_CONFIG)]:
         if blocks == "all" or blocks <= cfg["n_layers"]:
             model = make_classifier(build_on_meta(cfg), trainable_blocks=blocks)
             counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1051,15 +1046,16 @@ def _oversampling(frame) -> str:
         {"ham": ham_count, "spam": spam_count},
         "draw spam messages with replacement until there are as many as ham.",
     )
-    distinct_spam = frame["Text"][[label == 1 for label in labels]].nunique()
+    messages = load_sms_spam()
+    available = int(((messages["Label"] == "spam") & ~messages["Text"].isin(held_out)).sum())
     _need(
-        spam_count > distinct_spam,
-        "spam messages",
-        "repeats: more spam rows than distinct spam messages",
-        {"rows": spam_count, "distinct": distinct_spam},
+        spam_count > available,
+        "spam messages in the training data",
+        f"more than the {available} spam messages outside validation and test (drawn with replacement)",
+        spam_count,
         "keep more ham than there is spam, and oversample spam to match.",
     )
-    return f"{len(frame):,} messages, balanced, spam repeated ({distinct_spam} distinct), none from validation or test."
+    return f"{len(frame):,} messages, balanced, spam drawn with replacement, none from validation or test."
 
 
 @exercise("ch06.5", "one output node")
@@ -1184,20 +1180,25 @@ def _partial_finetuning(freeze_all_but_last) -> str:
 def _maximum_length(share_kept) -> str:
     entries = list(_instruction_samples())
     for max_length in (32, 48, 64):
-        share = _loss_tokens(entries, False, max_length) / _loss_tokens(entries, False)
+        # Training tokens are the target positions; counting each sequence with its end-of-text is fine too.
+        lengths = [len(example.token_ids) for example in InstructionDataset(entries, _tokenizer())]
+        shares = [
+            sum(min(n + extra, max_length) for n in lengths) / sum(n + extra for n in lengths)
+            for extra in (0, 1)
+        ]
         given = _number(
             _call(share_kept, f"share_kept(12 entries, {max_length})", entries, max_length),
             "share_kept",
             "return the share as a number between 0 and 1.",
         )
         _need(
-            abs(given - share) < 0.01,
-            f"share_kept(12 entries, max_length={max_length}) (tolerance 0.01)",
+            min(abs(given - share) for share in shares) < 0.005,
+            f"share_kept(12 entries, max_length={max_length}) (tolerance 0.005)",
             "the fraction of the training tokens that survive the cut",
             given,
             "count tokens, not examples: a cut keeps the first max_length tokens of each example.",
         )
-    return "the surviving share of tokens matches collate_fn's cut at three lengths."
+    return "the surviving share of the training tokens is right at three lengths."
 
 
 @exercise("ch07.5", "another judge")
@@ -1491,7 +1492,7 @@ def _warmup_for_larger_batch(answer) -> str:
         steps, fraction = (_number(v, f"batch {batch_size}", f"write the answer as {form}.") for v in given)
         exact = 27 * 2 / batch_size
         _need(
-            abs(steps - exact) <= 0.5,
+            abs(steps - exact) < 1,
             f"warm-up steps at batch {batch_size} (rounding allowed)",
             "the steps that cover the book's 27 x 2 x 256 warm-up tokens",
             steps,
