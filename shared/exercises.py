@@ -1102,18 +1102,11 @@ def _instruction_samples() -> tuple[dict, ...]:
     return tuple(train[:6] + validation[:3] + test[:3])
 
 
-def _loss_tokens(entries, mask_instructions: bool, max_length: int | None = None) -> int:
+def _loss_tokens(entries, mask_instructions: bool) -> int:
     """How many targets the loss counts, each entry collated on its own (so there is no padding)."""
     dataset = InstructionDataset(list(entries), _tokenizer())
-    return sum(
-        int(
-            (
-                collate_fn([example], allowed_max_length=max_length, mask_instructions=mask_instructions)[1]
-                != IGNORE_INDEX
-            ).sum()
-        )
-        for example in dataset
-    )
+    batches = (collate_fn([example], mask_instructions=mask_instructions) for example in dataset)
+    return sum(int((targets != IGNORE_INDEX).sum()) for _, targets in batches)
 
 
 @exercise("ch07.1", "Phi-3 prompt style")
