@@ -142,6 +142,13 @@ def _number(value, what: str, hint: str) -> float:
     return float(value)
 
 
+def _truth(value):
+    """A yes/no answer as a bool (a bool tensor or numpy bool is fine); anything else comes back unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
+        return bool(value)
+    return bool(value) if type(value).__name__ in ("bool", "bool_") else value
+
+
 def _call(function, description: str, *args, **kwargs):
     """Call the learner's function; an exception other than NotImplementedError becomes a ✗."""
     _need(
@@ -244,7 +251,7 @@ def _one_word_several_tokens(answer) -> str:
     all_ids = [i for ids in encoded.values() for i in ids]
     shared = len(set(all_ids)) < len(all_ids)
     _need(
-        _field(answer, "any_shared_id", form) is shared,
+        _truth(_field(answer, "any_shared_id", form)) is shared,
         "any_shared_id",
         "whether any id appears for two spellings",
         answer["any_shared_id"],
@@ -410,7 +417,11 @@ def _word_order(answer) -> str:
     for key, truth in truths.items():
         given = _field(answer, key, form)
         _need(
-            given is truth, key, "whether outputs follow the words when they are reordered", given, hints[key]
+            _truth(given) is truth,
+            key,
+            "whether outputs follow the words when they are reordered",
+            given,
+            hints[key],
         )
     return "without a mask attention follows any reordering; the causal mask breaks it."
 
