@@ -6,8 +6,12 @@ with a fragment of the hint the check must print for it.
 """
 
 import functools
+import json
 import math
+import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -639,3 +643,129 @@ def test_a_check_leaves_the_learners_random_state_alone(capsys):
     torch.manual_seed(0)
     check("ch05.1", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# The notebooks: tools/add_exercise_checks.py and what it leaves behind
+# ---------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import add_exercise_checks as tool  # noqa: E402  (the tool lives in tools/, not in a package)
+from exercise_cells import PLACEHOLDERS, SOLUTION_CHECKS  # noqa: E402
+
+# Set to True once tools/add_exercise_checks.py --write has run on the repository's notebooks.
+EXERCISE_CHECKS_INSERTED = False
+CHAPTER_NOTEBOOKS = sorted(
+    p
+    for p in ROOT.glob("*/*.ipynb")
+    if p.stem == p.parent.name and re.fullmatch(r"ch\d\d|appendix_[A-Z]", p.stem)
+)
+
+
+def test_every_check_has_a_placeholder_and_a_solution_cell():
+    assert set(PLACEHOLDERS) == set(SOLUTION_CHECKS) == set(EXERCISES)
+
+
+@pytest.mark.parametrize("exercise_id", sorted(PLACEHOLDERS))
+def test_an_untouched_placeholder_runs_and_is_not_answered_yet(exercise_id, capsys):
+    namespace = {"torch": torch}
+    exec(PLACEHOLDERS[exercise_id], namespace)
+    passed, out = outcome(exercise_id, namespace[tool.answer_name(exercise_id)], capsys)
+    assert not passed and "not answered yet" in out, out
+
+
+def notebook_with(*markdown: str) -> dict:
+    cells = [
+        {"cell_type": "code", "source": ["banner()"], "outputs": [], "execution_count": 1, "metadata": {}}
+    ]
+    return {
+        "cells": cells + [{"cell_type": "markdown", "source": [text], "metadata": {}} for text in markdown]
+    }
+
+
+EXERCISES_CELL = """## Summary
+
+The chapter in short.
+
+## Exercises
+
+Solutions: [the notebook](x.ipynb).
+
+1. **Other windows.** Build data loaders
+   over *The Verdict*.
+2. **Something else.** A question no check was written for.
+
+## Further reading
+
+- a paper"""
+
+
+def test_the_tool_splits_the_exercises_and_a_second_run_changes_nothing():
+    notebook = notebook_with(EXERCISES_CELL)
+    ids = tool.checkable("ch02", tool.exercise_titles(notebook))
+    assert ids == {1: "ch02.1"}
+    report = tool.add_to_main(notebook, "ch02", ids)
+    assert any("no check for ch02.2" in line for line in report)
+    sources = [tool.source(c) for c in notebook["cells"]]
+    assert sources[1] == "## Summary\n\nThe chapter in short."
+    assert sources[2].startswith("## Exercises\n\nSolutions:") and sources[3] == tool.IMPORT
+    assert sources[4] == "### Exercise 1: Other windows\n\nBuild data loaders\nover *The Verdict*."
+    assert sources[5] == PLACEHOLDERS["ch02.1"].strip() and sources[6] == 'check("ch02.1", answer);'
+    assert (
+        sources[7].startswith("### Exercise 2: Something else")
+        and sources[8] == "## Further reading\n\n- a paper"
+    )
+    before = json.dumps(notebook)
+    assert tool.add_to_main(notebook, "ch02", tool.checkable("ch02", tool.exercise_titles(notebook))) == []
+    assert json.dumps(notebook) == before
+
+
+def test_the_tool_puts_the_check_after_the_solutions_last_code_cell_once():
+    notebook = notebook_with("## Exercise 1: other windows", "## Exercise 2: something else")
+    notebook["cells"].insert(2, {"cell_type": "code", "source": ["x = 1"], "outputs": [], "metadata": {}})
+    notebook["cells"].insert(3, {"cell_type": "markdown", "source": ["Because."], "metadata": {}})
+    assert tool.add_to_solutions(notebook, {1: "ch02.1"}) == ["check cell for ch02.1"]
+    sources = [tool.source(c) for c in notebook["cells"]]
+    assert sources[3] == f"{tool.IMPORT}\n\n{SOLUTION_CHECKS['ch02.1'].strip()}" and sources[4] == "Because."
+    assert tool.add_to_solutions(notebook, {1: "ch02.1"}) == []
+
+
+def exercise_sections(path: Path) -> dict[int, list[str]]:
+    """{exercise number: the code cells after its text, up to the next exercise}; -1 holds an unsplit list."""
+    sections, current = {}, None
+    for notebook_cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        text = tool.source(notebook_cell)
+        if notebook_cell["cell_type"] == "markdown":
+            found = re.search(r"^#+\s*Exercise\s+(?:\d+\.)?(\d+)\b", text, re.M)
+            current = int(found.group(1)) if found else (None if re.search(r"^#+\s", text, re.M) else current)
+            if found:
+                sections[current] = []
+            if (
+                any(tool.EXERCISES_HEADING.match(line) for line in text.splitlines())
+                and tool.split_exercises(text)[2]
+            ):
+                sections[-1] = []
+        elif current is not None:
+            sections[current].append(text)
+    return sections
+
+
+@pytest.mark.skipif(
+    not EXERCISE_CHECKS_INSERTED, reason="on once tools/add_exercise_checks.py --write has run"
+)
+@pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=[p.name for p in CHAPTER_NOTEBOOKS])
+def test_every_exercise_in_a_chapter_notebook_has_a_check_cell(path):
+    sections = exercise_sections(path)
+    assert -1 not in sections, "the exercises are still one list: run tools/add_exercise_checks.py --write"
+    assert sections, "no exercises found"
+    for number, code in sections.items():
+        exercise_id = f"{path.stem}.{number}"
+        assert exercise_id in EXERCISES, f"no check is written for {exercise_id} (shared/exercises.py)"
+        assert any(f'check("{exercise_id}"' in text for text in code), f"{exercise_id} has no check cell"
+    solutions = json.loads(path.with_name(f"{path.stem}-solutions.ipynb").read_text(encoding="utf-8"))[
+        "cells"
+    ]
+    solution_code = "\n".join(tool.source(c) for c in solutions if c["cell_type"] == "code")
+    missing = [number for number in sections if f'check("{path.stem}.{number}"' not in solution_code]
+    assert not missing, f"the solutions notebook does not check exercises {missing}"
