@@ -199,7 +199,8 @@ def add_to_solutions(notebook: dict, ids: dict[int, str]) -> list[str]:
             continue
         imported = any(IMPORT in source(c) for c in cells)
         text = SOLUTION_CHECKS[exercise_id].strip()
-        text = text if imported else f"{IMPORT}\n\n{text}"
+        gap = "\n\n\n" if text.startswith(("def ", "class ")) else "\n\n"  # as ruff's isort wants
+        text = text if imported else f"{IMPORT}{gap}{text}"
         cells.insert(codes[-1] + 1, cell("code", text, f"{exercise_id}:solution-check"))
         done.append(f"check cell for {exercise_id}")
     return done
