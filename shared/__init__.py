@@ -20,6 +20,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
   classifier_logits, classification_loss, calc_accuracy_loader, classify_text, save_classifier, load_classifier
 - ``shared.instruction`` (ch07): format_input, InstructionDataset, collate_fn, generate_responses, rouge_l, response_perplexity, make_judge, score_responses, parse_score
 - ``shared.distributed`` (appendix_A): distributed_session, launch_torchrun, print_main, mean_across_processes, unwrap
+- ``shared.exercises`` (all): check, EXERCISES
 """
 
 __version__ = "0.1.0"
