@@ -1174,8 +1174,8 @@ def _partial_finetuning(freeze_all_but_last) -> str:
             case,
             "requires_grad only on the last blocks, the final norm and the output head",
             f"wrong requires_grad on {wrong[:3]}",
-            "freeze every parameter first, then unfreeze the LAST blocks "
-            "(trf_blocks[-n:]), the final norm and the head.",
+            "freeze every parameter first, then unfreeze the LAST blocks (the ones nearest the output), "
+            "the final norm and the head.",
         )
     return "only the last blocks, the final norm and the head train, with and without a tied head."
 
