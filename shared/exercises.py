@@ -177,6 +177,19 @@ def _verdict_ids() -> tuple[int, ...]:
     return tuple(_tokenizer().encode(load_the_verdict()))
 
 
+def _windows(text_or_ids, batch_size: int, window: int, stride: int, drop_last: bool = True, **options):
+    """A data loader over text_or_ids in order (the one place that names create_dataloader's window argument)."""
+    return create_dataloader(
+        text_or_ids,
+        batch_size=batch_size,
+        max_length=window,
+        stride=stride,
+        shuffle=False,
+        drop_last=drop_last,
+        **options,
+    )
+
+
 def _tiny_config(**changes) -> dict:
     return {
         **GPT_CONFIGS["gpt2-small"],
@@ -208,7 +221,7 @@ def _other_windows(answer) -> str:
             given,
             f"write the answer as {form}.",
         )
-        loader = create_dataloader(text, batch_size=4, max_length=max_length, stride=stride, shuffle=False)
+        loader = _windows(text, batch_size=4, window=max_length, stride=stride)
         case = f"max_length={max_length}, stride={stride}"
         _need(
             given[0] == len(loader.dataset),
@@ -331,13 +344,13 @@ def _padding_a_batch(answer) -> str:
             "the mask is True where a position holds a real token.",
         )
         _need(
-            bool((batch[row][~mask[row]] == 50256).all()),
+            bool((batch[row][~mask[row]] == _tokenizer().eot_token).all()),
             f"row {row}: the padded positions",
-            "50256 everywhere",
+            "the end-of-text id everywhere",
             batch[row][~mask[row]].tolist(),
             "GPT-2 pads with its end-of-text id, <|endoftext|>.",
         )
-    return "the mask selects each text's ids, and every padded position holds 50256."
+    return "the mask selects each text's ids, and every padded position holds the end-of-text id."
 
 
 @exercise("ch02.5", "counting windows")
@@ -345,8 +358,7 @@ def _counting_windows(answer) -> str:
     form = '{"windows": int, "batches_drop_last": int, "batches_keep_last": int}'
     text = load_the_verdict()
     loaders = {
-        drop: create_dataloader(text, batch_size=8, max_length=256, stride=128, shuffle=False, drop_last=drop)
-        for drop in (True, False)
+        drop: _windows(text, batch_size=8, window=256, stride=128, drop_last=drop) for drop in (True, False)
     }
     windows = len(loaders[True].dataset)
     _need(
@@ -783,8 +795,7 @@ def _tiny_training_run(tmp: Path):
     """A model, optimizer and loaders; trains 1 epoch with a checkpoint; returns them and the 2-epoch weights."""
     ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(0)).tolist()
     loaders = [
-        create_dataloader(part, batch_size=2, max_length=8, stride=8, shuffle=False, vocab_size=97)
-        for part in (ids[:84], ids[84:])
+        _windows(part, batch_size=2, window=8, stride=8, vocab_size=97) for part in (ids[:84], ids[84:])
     ]
 
     def fresh(seed):
@@ -1502,9 +1513,7 @@ def _warmup_for_larger_batch(answer) -> str:
             steps,
             "a batch of b rows covers b x 256 tokens per step: larger batches need fewer steps.",
         )
-        loader = create_dataloader(
-            train_text, batch_size=batch_size, max_length=256, stride=256, drop_last=True
-        )
+        loader = _windows(train_text, batch_size=batch_size, window=256, stride=256)
         run_steps = 15 * len(loader)
         _need(
             abs(fraction - steps / run_steps) < 0.005,
