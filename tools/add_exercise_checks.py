@@ -34,9 +34,9 @@ IMPORT = "from shared.exercises import check"
 EXERCISES_HEADING = re.compile(r"^(#+)\s*(\d+\.\s*)?Exercises\b")
 ITEM = re.compile(r"^(\d+)\.\s+(.*)")
 HOW_TO = (
-    "Each exercise has a cell for your answer and a cell that checks it: replace the `...` (or write "
-    "the function's body), then run the check. It says ✓ or ✗ with a hint on what to look at, and never "
-    "shows the solution."
+    "Each exercise has a cell for your answer and a cell that checks it: replace the `...` (or write\n"
+    "the function's body), then run the check. It says ✓ or ✗ with a hint on what to look at, and\n"
+    "never shows the solution."
 )
 
 
