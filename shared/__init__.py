@@ -22,6 +22,7 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.distributed`` (appendix_A): distributed_session, DistributedInfo, launch_torchrun, print_main, mean_across_processes, unwrap
 - ``shared.serving`` (ch07): BatchingEngine, SamplingSettings, Event, TextAssembler
 - ``shared.lora`` (appendix_E): LoRALayer, LinearWithLoRA, apply_lora, merge_lora, unmerge_lora, remove_lora, lora_layers, lora_state_dict, load_lora_state_dict, KINDS
+- ``shared.exercises`` (all): check, EXERCISES
 """
 
 __version__ = "0.1.0"
