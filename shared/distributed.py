@@ -89,13 +89,14 @@ def read_launch_environment(environ: Mapping[str, str] | None = None) -> tuple[i
     return rank, local_rank, world_size
 
 
-def _device_for(local_rank: int) -> torch.device:
+def _device_for(local_rank: int, prefer: str | None = None) -> torch.device:
     """One GPU per process (picked by LOCAL_RANK) when CUDA is in use, else the CPU.
 
     Apple's MPS has no collective-communication backend, so data-parallel runs there use the CPU.
-    ``LLMS_DEVICE=cpu`` forces the CPU on a GPU machine too (see ``shared.utils.get_device``).
+    ``prefer="cpu"`` (or ``LLMS_DEVICE=cpu``) forces the CPU on a GPU machine too (see
+    ``shared.utils.get_device``).
     """
-    if get_device().type != "cuda":
+    if get_device(prefer).type != "cuda":
         return torch.device("cpu")
     visible = torch.cuda.device_count()
     if local_rank >= visible:
@@ -107,16 +108,20 @@ def _device_for(local_rank: int) -> torch.device:
 
 
 @contextmanager
-def distributed_session(timeout: timedelta = timedelta(minutes=5)) -> Iterator[DistributedInfo]:
+def distributed_session(
+    timeout: timedelta = timedelta(minutes=5), device: str | None = None
+) -> Iterator[DistributedInfo]:
     """Join the process group for the body of a ``with`` block, and always leave it.
 
     Under torchrun every process connects to the others through the address torchrun chose
     (``MASTER_ADDR``/``MASTER_PORT``). Started plainly, the script forms a group of one
     in-process, so the same code (``DistributedDataParallel`` included) runs unchanged.
     ``timeout`` bounds how long a collective waits for a process that crashed or never came.
+    ``device`` ("cuda", "cpu", ...; None: the best available) picks the kind of device; under
+    torchrun each process takes the GPU of its LOCAL_RANK.
     """
     rank, local_rank, world_size = read_launch_environment()
-    device = _device_for(local_rank)
+    device = _device_for(local_rank, device)
     backend = choose_backend(device)
     if device.type == "cuda":
         # Before init: NCCL binds each process to the GPU that is current when it starts.

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,14 @@ import torch
 QUICK_ENV_VAR = "LLMS_QUICK"
 _TRUE_SPELLINGS = ("1", "true", "yes", "on")
 _FALSE_SPELLINGS = ("", "0", "false", "no", "off")
+
+
+class CheckpointError(ValueError):
+    """A weights file or training checkpoint cannot be read, or does not fit the model it is loaded into.
+
+    Defined here, below both ``shared.weights`` and ``shared.checkpoint``, so that both raise the
+    same class (one ``except`` catches either) and neither has to import the other.
+    """
 
 
 def is_quick() -> bool:
@@ -173,3 +182,18 @@ def write_json(path: str | os.PathLike, data, indent: int = 2) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def check_writable(folder: str | os.PathLike, what: str = "folder") -> Path:
+    """Create ``folder`` and check that a file can be written in it; return it as a Path.
+
+    Scripts call this before hours of work, not after. Raises OSError naming the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to the {what} {folder}: {error}. Choose a writable folder.") from error
+    return folder
