@@ -33,7 +33,7 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import WarmupCosine, train_model
+from shared.train import TrainSettings, WarmupCosine, train_model
 from shared.utils import atomic_path, get_device, set_seed
 
 HERE = Path(__file__).resolve().parent
@@ -71,11 +71,11 @@ def run(name: str, refined: bool, num_epochs: int, device, cfg: dict, init: str 
         model, train_loader, val_loader, optimizer, device,
         num_epochs=num_epochs, eval_freq=5, eval_iter=1,
         start_context="Every effort moves you", tokenizer=get_gpt2_tokenizer(),
-        lr_schedule=schedule,
-        grad_clip=MAX_NORM,
         # The plain run measures the norm at every step but never clips: its first clipping
         # step lies beyond the end of the run.
-        clip_from_step=warmup_steps if refined else total_steps + 1,
+        settings=TrainSettings(
+            lr_schedule=schedule, grad_clip=MAX_NORM, clip_from_step=warmup_steps if refined else total_steps + 1
+        ),
         progress=True,  # the bar's postfix shows each evaluation's losses in the log
     )
     seconds = time.perf_counter() - started

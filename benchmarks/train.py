@@ -15,7 +15,7 @@ split into its ``W_query``/``W_key``/``W_value``). Before timing, a correctness 
 optimizer steps of both with dropout off and compares the losses.
 
 Two more columns of ours, same loop: ``ours_bf16`` runs the forward passes under bfloat16 autocast
-(``train_model(..., autocast_dtype=torch.bfloat16)``: bfloat16 matrix products, float32 weights,
+(``train_model(..., settings=TrainSettings(autocast_dtype=torch.bfloat16))``: bfloat16 matrix products, float32 weights,
 gradients and optimizer state), and with ``--compile`` ``ours_bf16_compile`` adds
 ``torch.compile`` (worth it on a GPU; on a small CPU the compilation takes minutes). Their first
 losses are compared with the book's float32 ones too, to bfloat16's precision.
@@ -52,7 +52,7 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import autocast, calc_loss_batch, make_optimizer, train_model
+from shared.train import TrainSettings, autocast, calc_loss_batch, make_optimizer, train_model
 from shared.utils import by_mode, get_device, is_quick
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def run_ours(model, optimizer, train_loader, val_loader, tokenizer, device, auto
     with contextlib.redirect_stdout(io.StringIO()):  # the sample after the epoch, as for the book
         history = train_model(
             model, train_loader, val_loader, optimizer, device, 1, EVAL_FREQ, EVAL_ITER,
-            start_context=START_CONTEXT, tokenizer=tokenizer, progress=False, autocast_dtype=autocast_dtype,
+            start_context=START_CONTEXT, tokenizer=tokenizer, progress=False, settings=TrainSettings(autocast_dtype=autocast_dtype),
         )  # fmt: skip
     _synchronize(device)
     return time.perf_counter() - started, history.val_losses[-1]
@@ -294,7 +294,7 @@ def write_json(path: Path, result: dict) -> None:
 
 LABELS = {
     "ours": "ours: `train_model` + `make_optimizer`, float32",
-    "ours_bf16": "ours, bfloat16 autocast (`autocast_dtype=torch.bfloat16`)",
+    "ours_bf16": "ours, bfloat16 autocast (`TrainSettings(autocast_dtype=torch.bfloat16)`)",
     "ours_bf16_compile": "ours, bfloat16 autocast + `torch.compile`",
     "book": "book: `train_model_simple` + `AdamW`, float32",
 }

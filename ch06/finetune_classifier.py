@@ -21,7 +21,7 @@ import torch
 from shared import classification as cls
 from shared.data import data_dir
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import make_optimizer, train_model
+from shared.train import TrainSettings, make_optimizer, train_model
 from shared.utils import get_device, is_quick, set_seed, write_json
 
 PADDINGS = ("dynamic", "longest", "context")
@@ -141,8 +141,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         epochs,
         args.eval_freq,
         args.eval_iter,
-        loss_fn=cls.classification_loss,
-        epoch_end=log_epoch,
+        settings=TrainSettings(loss_fn=cls.classification_loss, epoch_end=log_epoch),
         progress=args.progress,
     )
     train_seconds = time.perf_counter() - train_started

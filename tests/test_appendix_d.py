@@ -10,7 +10,7 @@ from tiny_gpt import TINY_TRAINING as TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.model import GPTModel
-from shared.train import WarmupCosine, lr_at, train_model
+from shared.train import TrainSettings, WarmupCosine, lr_at, train_model
 
 appendix_d = pytest.importorskip("llms_from_scratch.appendix_d")
 
@@ -65,7 +65,7 @@ def _our_run(clip_from_step: int):
                             initial_lr=INITIAL_LR, min_lr=MIN_LR)
     return train_model(
         model, train, val, optimizer, "cpu", NUM_EPOCHS, eval_freq=1, eval_iter=1,
-        lr_schedule=schedule, grad_clip=1.0, clip_from_step=clip_from_step, progress=False,
+        settings=TrainSettings(lr_schedule=schedule, grad_clip=1.0, clip_from_step=clip_from_step), progress=False,
     )
 
 
