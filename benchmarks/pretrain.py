@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import describe, environment, summary, time_interleaved, write_report
+from common import describe, environment, parse_run_args, summary, time_interleaved, write_report
 
 from shared.checkpoint import TrainHistory
 from shared.corpus import WindowSampler, prepare_corpus
@@ -59,11 +59,7 @@ from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, WarmupCosine, make_optimizer, train_step
 from shared.utils import by_mode
 
-if __name__ == "__main__" and "--quick" in sys.argv[1:]:
-    os.environ["LLMS_QUICK"] = "1"  # before by_mode picks the sizes below (children inherit it)
-
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"  # the committed results (--refresh-committed)
 PRETRAIN = ROOT / "ch05" / "pretrain.py"
 BASE_BYTES = by_mode(full=2 * 2**20, quick=64 * 2**10)
 SCALES = by_mode(full=(1, 4, 16), quick=(1, 4))
@@ -399,22 +395,14 @@ def main() -> None:
         measure_run(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, help="where pretrain.json and the plot go (default: a new folder "
-                        "under benchmarks/runs/)")  # fmt: skip
-    parser.add_argument("--refresh-committed", action="store_true", help=f"replace the files in {RESULTS}")
-    parser.add_argument("--quick", action="store_true", help="small sizes (as LLMS_QUICK=1)")
-    parser.add_argument("--device", default="cpu", help="device of the training runs (default cpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
+    if "--child" in sys.argv[1:]:  # one measurement (see child); writes nothing itself
+        args = parser.parse_args()
         print(json.dumps(child(args.child, args.data, args.prepared)))
         return
-    if args.refresh_committed and args.out_dir:
-        parser.error("--refresh-committed writes to the committed folder; leave out --out-dir.")
-    out_dir = RESULTS if args.refresh_committed else args.out_dir
-    out_dir = out_dir or ROOT / "benchmarks" / "runs" / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    args = parse_run_args("pretrain", "", None, parser)
 
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per process gives steadier numbers
     record = environment()
@@ -426,9 +414,8 @@ def main() -> None:
             "speed": speed_comparison(work, args.device),
             "ddp": ddp_comparison(work, args.device),
         }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir / "pretrain.json", "pretrain", record, report)
-    plot(report["memory"], out_dir / "pretrain_memory.png")
+    write_report(args.out, "pretrain", record, report)
+    plot(report["memory"], args.out.with_name("pretrain_memory.png"))
     print(markdown(report))
 
 

@@ -27,8 +27,10 @@ tokens trained per second of wall time (evaluation and sampling included, as a l
 them), and the headline ratio is the median of the per-round ratios (ours / book).
 ``LLMS_QUICK=1`` shrinks the model, the context and the text to a smoke test.
 
-Run from the repository root: ``python benchmarks/train.py``. Writes benchmarks/results/train.json
-(``--device cuda --compile --out benchmarks/results/train_cuda.json`` for the GPU table).
+Run from the repository root: ``python benchmarks/train.py`` (``--quick`` for a smoke run). Writes
+train.json into a new folder under benchmarks/runs/ (``--out-dir`` to choose one;
+``--refresh-committed`` replaces benchmarks/results/train.json, or train_cuda.json with
+``--device cuda``; add ``--compile`` for the GPU table).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, load_ours_into_book  # benchmarks/common.py
+from common import environment, load_ours_into_book, parse_run_args  # benchmarks/common.py
 
 from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
@@ -54,10 +56,6 @@ from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, autocast, calc_loss_batch, make_optimizer, train_model
 from shared.utils import by_mode, get_device, is_quick
-
-ROOT = Path(__file__).resolve().parent.parent
-
-RESULTS = ROOT / "benchmarks" / "results" / "train.json"
 
 # The book's GPT_CONFIG_124M for chapter 5, or a toy in quick mode (same data and loaders).
 CFG = by_mode(
@@ -302,13 +300,11 @@ LABELS = {
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
-    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
-    args = parser.parse_args(argv)
-    out_path, device = args.out, get_device(args.device)
+    device = get_device(parser.parse_known_args(argv)[0].device)
+    args = parse_run_args("train" if device.type == "cpu" else f"train_{device.type}", "", argv, parser)
+    out_path = args.out
     try:
         import llms_from_scratch.ch05  # noqa: F401
     except ImportError:

@@ -283,34 +283,41 @@ def test_torchrun_two_processes_identical_weights_and_resume(corpus, tmp_path):
 # --- generation --------------------------------------------------------------------------------
 
 
-def test_generate_loads_the_output_folder_and_a_checkpoint_alike(uninterrupted, capsys, monkeypatch):
+def test_generate_loads_the_output_folder_and_a_checkpoint_alike(uninterrupted, capsys):
     base = uninterrupted[0]
     from_folder = generate_script.load_model(base / "out")
     from_checkpoint = generate_script.load_model(base / "ckpt")  # the newest step_<N>.pt
     ids = torch.tensor([[40, 1807, 3619]])
     with torch.no_grad():
         torch.testing.assert_close(from_folder(ids), from_checkpoint(ids))
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
-    texts = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5"])
+    model = ["--model", str(base / "out"), "--device", "cpu", "--prompt", "I had", "--max-new-tokens", "5"]
+    texts = generate_script.main(model)
     assert len(texts) == 1 and capsys.readouterr().out.startswith("I had")
-    sampled = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5",
-                                    "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"])  # fmt: skip
-    again = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5",
-                                  "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"])  # fmt: skip
+    sampling = ["--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    sampled, again = generate_script.main([*model, *sampling]), generate_script.main([*model, *sampling])
     assert sampled == again
 
 
 def test_generate_interactive_answers_each_line(uninterrupted, capsys, monkeypatch):
     import io
 
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
     monkeypatch.setattr(sys, "stdin", io.StringIO("I had\n\nThe picture\n"))
-    texts = generate_script.main(["--model", str(uninterrupted[0] / "out"), "--interactive", "--beams", "2",
-                                  "--max-new-tokens", "4"])  # fmt: skip
+    texts = generate_script.main(["--model", str(uninterrupted[0] / "out"), "--device", "cpu", "--interactive",
+                                  "--beams", "2", "--max-new-tokens", "4"])  # fmt: skip
     assert len(texts) == 2
     out = capsys.readouterr().out
     # Each answer is printed as the prompt followed by its continuation; the empty line is skipped.
     assert "I had" + texts[0] in out and "The picture" + texts[1] in out
+
+
+def test_generate_writes_its_texts_to_out_dir_and_exits_non_zero_after_an_error(uninterrupted, tmp_path, capsys):
+    out = str(uninterrupted[0] / "out")
+    texts = generate_script.main(["--model", out, "--device", "cpu", "--quick", "--out-dir", str(tmp_path)])
+    record = json.loads((tmp_path / "generations.jsonl").read_text())
+    assert record == {"prompt": "Every effort moves you", "text": texts[0]}
+    with pytest.raises(SystemExit) as exit_info:
+        generate_script.main(["--model", out, "--device", "cpu", "--prompt", ""])
+    assert exit_info.value.code == 1 and "the prompt is empty" in capsys.readouterr().err
 
 
 def test_generate_reports_a_missing_model_clearly(tmp_path, capsys):
