@@ -3,7 +3,8 @@
 Each chapter builds a piece step by step in its notebook; the final form lives here and
 every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
-- ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path, write_json, eval_mode
+- ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path, write_json, eval_mode,
+  check_writable, CheckpointError
 - ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data
 - ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer, encode_text
@@ -12,10 +13,13 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.attention`` (ch03): MultiHeadAttention, KVCache
 - ``shared.model`` (ch04): GPTModel, GPTConfig, GPT_CONFIGS, check_config, build_on_meta, count_parameters, set_dropout
 - ``shared.generate`` (ch04): generate, next_token, generate_text_simple, beam_search, sequence_logprob
-- ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError, save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf, load_gpt2_or_standin, STANDIN_CONFIG
-- ``shared.train`` (ch05): train_model, calc_loss_loader, make_optimizer, autocast, lr_at, WarmupCosine
-- ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, resume
-- ``shared.corpus`` (ch05): prepare_corpus, PreparedCorpus, WindowSampler, fixed_windows, CorpusError
+- ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError (from shared.utils), save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf, load_gpt2_or_standin, STANDIN_CONFIG
+- ``shared.train`` (ch05): train_model, TrainSettings, train_step, evaluate_and_record, calc_loss_batch, calc_loss_loader,
+  evaluate_model, model_device, make_optimizer, autocast, lr_at, WarmupCosine, save_training_run, TrainHistory (from checkpoint)
+- ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, read_checkpoint, resume, TrainHistory, step_checkpoints,
+  save_step_checkpoint, newest_checkpoint, prepare_checkpoint_folder, check_model_matches, CheckpointError
+- ``shared.corpus`` (ch05): prepare_corpus, prepare_for_training, choose_prepared_dir, PreparedCorpus, WindowSampler,
+  read_windows, fixed_windows, CorpusError
 - ``shared.classification`` (ch06): prepare_spam_splits, SpamDataset, create_classification_loader, make_classifier,
   classifier_logits, classification_loss, calc_accuracy_loader, classify_text, save_classifier, load_classifier
 - ``shared.instruction`` (ch07): format_input, InstructionDataset, collate_fn, generate_responses, rouge_l, response_perplexity, make_judge, score_responses, parse_score

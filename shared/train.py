@@ -1,19 +1,23 @@
-"""The training loop, built in ch05 and reused by ch06, ch07 and appendix D.
+"""The training loop, built in ch05 and reused by ch06, ch07, appendix D and ``ch05/pretrain.py``.
 
 One loop serves every chapter: what changes between pretraining, classification and
-instruction finetuning is only how a batch turns into a loss, so the loss is a parameter.
+instruction finetuning is only how a batch turns into a loss, so the loss is a setting.
 
 - :func:`calc_loss_batch`: next-token cross-entropy of one batch (the ch05 loss);
 - :func:`calc_loss_loader` and :func:`evaluate_model`: average losses for monitoring;
-- :func:`train_model`: the loop, with the book's argument order, plus a pluggable loss, a
-  learning-rate schedule and gradient clipping (appendix D), gradient accumulation, a progress
-  bar, per-epoch metrics and exact resumption from a checkpoint (:mod:`shared.checkpoint`);
+- :class:`TrainSettings` and :func:`train_step`: one optimizer step (forward, loss, backward,
+  gradient accumulation, clipping, learning-rate schedule, step), the same in every loop;
+- :func:`evaluate_and_record`: evaluate and append the result to the history;
+- :func:`train_model`: the epoch loop, with the book's argument order, a progress bar,
+  per-epoch metrics and exact resumption at epoch boundaries (:mod:`shared.checkpoint`);
 - :func:`make_optimizer`: AdamW with weight decay on matrices only, fused where possible;
 - :func:`lr_at` and :class:`WarmupCosine`: linear warm-up then cosine decay (appendix D);
-- :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32).
+- :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32);
+- :func:`save_training_run`: a finished run's model (Hugging Face format), loss log and plot.
 
 A loss function has the signature of :func:`calc_loss_batch`:
-``loss_fn(input_batch, target_batch, model, device) -> scalar tensor``.
+``loss_fn(input_batch, target_batch, model, device) -> scalar tensor``. ``device=None``
+everywhere in this module means "where the model is"; no function here moves the model.
 """
 
 from __future__ import annotations
@@ -427,8 +431,8 @@ def train_model(
       end of an epoch; training continues where it stopped, with the same data order.
     - ``checkpoint_path``: save a resumable checkpoint there (atomically) after every epoch.
 
-    The loss is read from the device only at evaluations, so steps run without waiting for it.
-    Returns the :class:`TrainHistory`, which unpacks as ``train_losses, val_losses, tokens_seen``.
+    Returns the :class:`TrainHistory` (it unpacks as ``train_losses, val_losses, tokens_seen``).
+    The loss is read from the device only at evaluations, so steps never wait for it.
     """
     settings = settings if settings is not None else TrainSettings()
     if num_epochs < 0 or eval_freq < 1 or eval_iter < 1:
@@ -451,10 +455,8 @@ def train_model(
         history.elapsed += now - started
         started = now
 
-    steps_per_epoch = (
-        math.ceil(len(train_loader) / settings.grad_accum_steps) if hasattr(train_loader, "__len__") else None
-    )
-    total = steps_per_epoch * num_epochs if steps_per_epoch is not None else None
+    sized = hasattr(train_loader, "__len__")
+    total = math.ceil(len(train_loader) / settings.grad_accum_steps) * num_epochs if sized else None
     bar = tqdm(total=total, initial=history.global_step, desc="training", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
