@@ -35,7 +35,7 @@ from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, WarmupCosine, train_model
-from shared.utils import get_device, is_quick, set_seed, write_json
+from shared.utils import add_output_args, get_device, is_quick, output_dir, set_seed, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,15 +106,11 @@ def main(argv=None) -> None:
                         help="GPTModel's GPT-2 initialisation (default) or PyTorch's, as the book's model")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--quick", action="store_true", help="a tiny model (2 layers, 64 dims), same code")
-    parser.add_argument("--out-dir", type=Path, help="where the JSON files go (default: runs/book-scale-<time>)")
-    parser.add_argument("--refresh-committed", action="store_true", help=f"replace the JSON files in {HERE.name}/")
+    add_output_args(parser, "book-scale", committed=HERE)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if args.refresh_committed and args.out_dir:
-        parser.error("--refresh-committed writes the committed files; leave out --out-dir.")
-    run_folder = Path("runs") / time.strftime("book-scale-%Y%m%d-%H%M%S")
-    out_dir = HERE if args.refresh_committed else args.out_dir or run_folder
+    out_dir = output_dir(parser, args, "book-scale", committed=HERE)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

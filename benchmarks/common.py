@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from shared.utils import get_device, is_quick, write_json
+from shared.utils import add_output_args, get_device, is_quick, output_dir, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: replaced only with --refresh-committed
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # a new folder per run by default
@@ -53,15 +53,14 @@ def parse_run_args(name: str, description: str, argv=None, parser=None) -> argpa
     holds the script's own flags (a ``--device`` of its own included).
     """
     parser = parser or argparse.ArgumentParser(description=description)
-    parser.add_argument("--out-dir", type=Path, help="where the results go (default: benchmarks/runs/<name>-<time>)")
-    parser.add_argument("--refresh-committed", action="store_true", help=f"replace the files in {RESULTS_DIR}")
+    add_output_args(parser, name, committed=RESULTS_DIR)
     parser.add_argument("--quick", action="store_true", help="small sizes, same code (as LLMS_QUICK=1)")
     if "--device" not in parser._option_string_actions:
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     args = parser.parse_args(argv)
-    if args.refresh_committed and args.out_dir:
-        parser.error("--refresh-committed writes the committed files; leave out --out-dir.")
-    folder = RESULTS_DIR if args.refresh_committed else args.out_dir or RUNS_DIR / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    if args.out_dir is None and not args.refresh_committed:
+        args.out_dir = RUNS_DIR / time.strftime(f"{name}-%Y%m%d-%H%M%S")  # beside the committed results
+    folder = output_dir(parser, args, name, committed=RESULTS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     args.out = folder / f"{name}.json"
     return args

@@ -36,10 +36,9 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.train import train_model
-from shared.utils import atomic_path, get_device, is_quick
+from shared.utils import add_output_args, atomic_path, get_device, is_quick, output_dir
 
 HERE = Path(__file__).resolve().parent
-COMMITTED = HERE / "initialisation.json"
 CONFIGS = {
     "full": {**GPT_CONFIGS["gpt2-small"], "context_length": 256},
     "quick": {**GPT_CONFIGS["gpt2-small"], "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2},
@@ -95,16 +94,11 @@ def main(argv=None) -> None:
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--device", default=None, help="default: the best available (shared.utils)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, same code (as LLMS_QUICK=1)")
-    parser.add_argument("--out-dir", type=Path, help="where initialisation.json goes (default: runs/initialisation-<time>)")
-    parser.add_argument("--refresh-committed", action="store_true", help=f"replace {COMMITTED.relative_to(HERE.parent)}")
+    add_output_args(parser, "initialisation", committed=HERE)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if args.refresh_committed and args.out_dir:
-        parser.error("--refresh-committed writes the committed file; leave out --out-dir.")
-    out = COMMITTED if args.refresh_committed else (
-        (args.out_dir or Path("runs") / time.strftime("initialisation-%Y%m%d-%H%M%S")) / COMMITTED.name
-    )  # fmt: skip
+    out = output_dir(parser, args, "initialisation", committed=HERE) / "initialisation.json"
     cfg = CONFIGS["quick" if args.quick or is_quick() else "full"]
     device = get_device(args.device)  # None: the best available; a name is checked against this machine
 

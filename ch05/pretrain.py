@@ -64,7 +64,7 @@ from shared.train import (
     save_training_run,
     train_step,
 )
-from shared.utils import check_writable, eval_mode, get_device
+from shared.utils import add_output_args, check_writable, eval_mode, get_device, output_dir
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2
 
 # Architectures. Every preset ties the embedding and the output head and has query/key/value
@@ -127,8 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpoint-every", type=int, default=100)
     run.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    run.add_argument("--out-dir", type=Path, help="folder for the final model, loss log and plot "
-                     "(default: runs/pretrain-<date>-<time>)")  # fmt: skip
+    add_output_args(run, "pretrain")  # --out-dir: the final model, loss log and plot
     run.add_argument("--no-progress", action="store_true", help="no progress bar while preparing")
     args = parser.parse_args(argv)
 
@@ -149,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--warmup-steps must be between 0 and --max-steps, got {args.warmup_steps}.")
     args.min_lr = args.lr if args.decay == "constant" else (args.lr / 10 if args.min_lr is None else args.min_lr)
     args.preset = "quick" if args.quick else args.preset
-    args.out_dir = args.out_dir or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    args.out_dir = output_dir(parser, args, "pretrain")
     return args
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import random
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,3 +199,23 @@ def check_writable(folder: str | os.PathLike, what: str = "folder") -> Path:
     except OSError as error:
         raise OSError(f"cannot write to the {what} {folder}: {error}. Choose a writable folder.") from error
     return folder
+
+
+def add_output_args(parser: argparse.ArgumentParser, name: str, committed: Path | None = None) -> None:
+    """Add ``--out-dir`` (default: a new folder ``runs/<name>-<date>-<time>``) to a script's parser,
+    and ``--refresh-committed`` when the script has committed results in ``committed``.
+
+    A script never writes over committed results unless asked; :func:`output_dir` resolves the choice.
+    """
+    parser.add_argument("--out-dir", type=Path, help=f"where the results go (default: runs/{name}-<date>-<time>)")
+    if committed is not None:
+        parser.add_argument("--refresh-committed", action="store_true", help=f"replace the committed files in {committed}")
+
+
+def output_dir(parser: argparse.ArgumentParser, args, name: str, committed: Path | None = None) -> Path:
+    """The folder chosen by :func:`add_output_args`'s flags (not created)."""
+    if getattr(args, "refresh_committed", False):
+        if args.out_dir is not None:
+            parser.error("--refresh-committed writes the committed files; leave out --out-dir.")
+        return committed
+    return args.out_dir or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
