@@ -300,6 +300,7 @@ class TrainSettings:
       :func:`autocast`); None trains in float32.
     - ``epoch_end(epoch, model)``: run by :func:`train_model` after each epoch; the dict it
       returns is stored in ``history.epoch_metrics`` (ch06 reports accuracies this way).
+    - ``max_new_tokens``: the length of :func:`train_model`'s greedy sample after each epoch.
     """
 
     loss_fn: LossFn = calc_loss_batch
@@ -309,6 +310,7 @@ class TrainSettings:
     lr_schedule: WarmupCosine | None = None
     autocast_dtype: torch.dtype | str | None = None
     epoch_end: Callable[[int, nn.Module], dict] | None = None
+    max_new_tokens: int = 50
 
     def __post_init__(self):
         if self.grad_accum_steps < 1:
@@ -394,7 +396,7 @@ def _groups(loader, size: int) -> Iterator[list]:
         yield group
 
 
-def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int = 50) -> str:
+def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -> str:
     ids = torch.tensor([tokenizer.encode(start_context)], device=device)
     with eval_mode(model):
         out = generate(model, ids, max_new_tokens=max_new_tokens)  # crops to the context window itself
@@ -482,7 +484,7 @@ def train_model(
             model.train()
         if tokenizer is not None and start_context is not None:
             with autocast(device, settings.autocast_dtype):
-                sample = _sample(model, tokenizer, start_context, device)
+                sample = _sample(model, tokenizer, start_context, device, settings.max_new_tokens)
             bar.write(f"epoch {history.epoch}: {sample}")
         if checkpoint_path is not None:
             sync_history()
