@@ -2,12 +2,15 @@
 
 A checkpoint holds everything needed to continue a run as if it had never stopped: the model
 config and weights, the optimizer's moment estimates, the learning-rate schedule, the training
-history (step, epoch, position inside the epoch, losses) and every random number generator's
-state. With those, resuming gives bitwise the same weights on a CPU as an uninterrupted run.
+history (:class:`TrainHistory`: step, epoch, losses) and every random number generator's
+state. With those, resuming gives bitwise the same weights on a CPU as an uninterrupted run
+(``train_model`` saves at epoch ends; ``ch05/pretrain.py`` after any step).
 
 Files are written to a temporary name in the same folder and renamed into place, so a crash or
 a full disk mid-save never destroys the previous checkpoint. Loading uses
-``torch.load(..., weights_only=True)``, which refuses arbitrary pickled code.
+``torch.load(..., weights_only=True)``, which refuses arbitrary pickled code. For a run that
+saves every N steps, :func:`save_step_checkpoint` keeps a rotating set of ``step_<N>.pt`` files
+and :func:`newest_checkpoint` picks the newest readable one.
 """
 
 from __future__ import annotations
