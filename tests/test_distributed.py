@@ -41,7 +41,7 @@ def test_launch_environment_rejects_partial_or_inconsistent_variables(environ, m
 
 
 def test_session_rejects_more_processes_per_machine_than_gpus(monkeypatch):
-    monkeypatch.setattr(distributed, "get_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(distributed, "get_device", lambda prefer=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
