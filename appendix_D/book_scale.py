@@ -9,20 +9,21 @@ Two runs from the same initial weights and the same data order, through
   from the end of warm-up on.
 
 Both record the global gradient norm of every step (the plain run measures it without ever
-clipping). Each run's losses, learning rates and norms go to ``appendix_D/book_scale_<run>.json``,
-which the appendix's README and notebook quote.
+clipping). Each run's losses, learning rates and norms go to ``book_scale_<run>.json`` in
+``--out-dir`` (default: a new folder under ``runs/``); ``--refresh-committed`` replaces the
+committed ``appendix_D/book_scale_<run>.json``, which the appendix's README and notebook quote.
 
 From the repository root (a GPU takes seconds; a CPU takes 5-50 seconds a step, and the book's
 15 epochs are 135 steps a run)::
 
     python appendix_D/book_scale.py                        # both runs, 15 epochs as in the book
-    python appendix_D/book_scale.py --run refined --epochs 4 --threads 1
+    python appendix_D/book_scale.py --run refined --epochs 4 --threads 1 --device cpu
+    python appendix_D/book_scale.py --quick --epochs 1    # a smoke test with a tiny model
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import WarmupCosine, train_model
-from shared.utils import atomic_path, get_device, set_seed
+from shared.train import TrainSettings, WarmupCosine, train_model
+from shared.utils import add_output_args, get_device, is_quick, output_dir, set_seed, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,11 +72,11 @@ def run(name: str, refined: bool, num_epochs: int, device, cfg: dict, init: str 
         model, train_loader, val_loader, optimizer, device,
         num_epochs=num_epochs, eval_freq=5, eval_iter=1,
         start_context="Every effort moves you", tokenizer=get_gpt2_tokenizer(),
-        lr_schedule=schedule,
-        grad_clip=MAX_NORM,
         # The plain run measures the norm at every step but never clips: its first clipping
         # step lies beyond the end of the run.
-        clip_from_step=warmup_steps if refined else total_steps + 1,
+        settings=TrainSettings(
+            lr_schedule=schedule, grad_clip=MAX_NORM, clip_from_step=warmup_steps if refined else total_steps + 1
+        ),
         progress=True,  # the bar's postfix shows each evaluation's losses in the log
     )
     seconds = time.perf_counter() - started
@@ -96,31 +97,31 @@ def run(name: str, refined: bool, num_epochs: int, device, cfg: dict, init: str 
     }
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write all at once (temporary file, then rename): never a half-written file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--run", choices=("plain", "refined", "both"), default="both")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--init", choices=("gpt2", "pytorch"), default="gpt2",
                         help="GPTModel's GPT-2 initialisation (default) or PyTorch's, as the book's model")
-    parser.add_argument("--out-dir", type=Path, default=HERE)
-    args = parser.parse_args()
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model (2 layers, 64 dims), same code")
+    add_output_args(parser, "book-scale", committed=HERE)
+    args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    out_dir = output_dir(parser, args, "book-scale", committed=HERE)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    device = get_device()
+    device = get_device(args.device)
     cfg = {**GPT_CONFIGS["gpt2-small"], "context_length": 256}
+    if args.quick or is_quick():
+        cfg.update(emb_dim=64, n_heads=4, n_layers=2)
     payload = {
         "settings": {
-            "model": "gpt2-small (qkv_bias False, untied output head), context 256, dropout 0.1",
+            "model": f"{'a tiny ' if args.quick or is_quick() else ''}gpt2-small (qkv_bias False, untied output "
+                     "head), context 256, dropout 0.1", "config": cfg,
             "data": "The Verdict, 90/10 split, batch 2, stride 256",
             "epochs": args.epochs, "peak_lr": PEAK_LR, "initial_lr": INITIAL_LR, "min_lr": MIN_LR,
             "warmup_fraction": WARMUP_FRACTION, "max_norm": MAX_NORM,
@@ -131,9 +132,11 @@ def main() -> None:
                      "threads": torch.get_num_threads()},
     }
     names = ("plain", "refined") if args.run == "both" else (args.run,)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
-        out = args.out_dir / f"book_scale_{name}.json"
-        write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg, args.init)})
+        out = out_dir / f"book_scale_{name}.json"
+        write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg, args.init)},
+                   indent=1)  # fmt: skip
         print(f"wrote {out}", flush=True)
 
 

@@ -42,7 +42,7 @@ from common import environment, load_ours_into_book  # benchmarks/common.py
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import make_optimizer, train_model
+from shared.train import TrainSettings, make_optimizer, train_model
 from shared.utils import by_mode, is_quick, write_json
 from shared.weights import STANDIN_CONFIG
 
@@ -146,8 +146,7 @@ def run_ours(ours_init, csvs, seed, score_test=True):
         1,
         EVAL_FREQ,
         EVAL_ITER,
-        loss_fn=cls.classification_loss,
-        epoch_end=accuracies,
+        settings=TrainSettings(loss_fn=cls.classification_loss, epoch_end=accuracies),
         progress=False,
     )
     seconds = time.perf_counter() - started

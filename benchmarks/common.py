@@ -1,4 +1,5 @@
-"""What every benchmark shares: the ``--out`` argument, the record of the machine it ran on,
+"""What every benchmark shares: the ``--out`` argument (``--out-dir`` and friends in
+:func:`parse_run_args`), the record of the machine it ran on,
 interleaved timing, and the JSON report.
 
 Each benchmark is a script (``python benchmarks/<name>.py``); Python puts the script's folder
@@ -18,6 +19,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,13 @@ from pathlib import Path
 import torch
 
 from shared.model import GPT_CONFIGS
-from shared.utils import by_mode, get_device, is_quick, write_json
+from shared.utils import add_output_args, by_mode, get_device, is_quick, output_dir, write_json
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: replaced only with --refresh-committed
+RUNS_DIR = Path(__file__).resolve().parent / "runs"  # a new folder per run by default
+
+if "--quick" in sys.argv[1:]:  # before the benchmark picks its sizes with by_mode (child processes inherit it)
+    os.environ["LLMS_QUICK"] = "1"
 PEER_PACKAGES = ("torch", "tiktoken", "transformers", "regex", "llms-from-scratch")
 
 
@@ -44,6 +50,28 @@ def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=default, help=f"JSON file to write (default {default})")
     return parser.parse_args(argv)
+
+
+def parse_run_args(name: str, description: str, argv=None, parser=None) -> argparse.Namespace:
+    """The flags of a benchmark script: ``--out-dir``, ``--refresh-committed``, ``--quick``, ``--device``.
+
+    Results go to a new folder under benchmarks/runs/ unless ``--out-dir`` names one or
+    ``--refresh-committed`` asks to replace the committed files in benchmarks/results/.
+    ``args.out`` is the report's path, ``<folder>/<name>.json``. ``parser``: one that already
+    holds the script's own flags (a ``--device`` of its own included).
+    """
+    parser = parser or argparse.ArgumentParser(description=description)
+    add_output_args(parser, name, committed=RESULTS_DIR)
+    parser.add_argument("--quick", action="store_true", help="small sizes, same code (as LLMS_QUICK=1)")
+    if "--device" not in parser._option_string_actions:
+        parser.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    args = parser.parse_args(argv)
+    if args.out_dir is None and not args.refresh_committed:
+        args.out_dir = RUNS_DIR / time.strftime(f"{name}-%Y%m%d-%H%M%S")  # beside the committed results
+    folder = output_dir(parser, args, name, committed=RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    args.out = folder / f"{name}.json"
+    return args
 
 
 def _cpu_model() -> str:

@@ -9,7 +9,7 @@ split into 256 KB documents; no downloads) at 1x, 4x and 16x a base size, then m
    steps) on each prepared corpus, in a child process;
 3. the book's approach on the same text: read every file, tokenise the whole text and build
    ``create_dataloader_v1``'s dataset of windows (``llms_from_scratch.ch02``), in a child process;
-4. training speed: tokens/s of pretrain.py's step (``run_step``: memory-mapped windows, AdamW
+4. training speed: tokens/s of pretrain.py's step (``shared.train.train_step``: memory-mapped windows, AdamW
    fused, gradient clipping, schedule) against the book's ``train_model_simple`` loop body
    (``zero_grad``, its ``calc_loss_batch``, ``backward``, ``AdamW.step``) with the book's
    GPTModel, on the same windows, same model size and batch, in interleaved rounds;
@@ -19,13 +19,22 @@ split into 256 KB documents; no downloads) at 1x, 4x and 16x a base size, then m
 Peak memory is the kernel's high-water mark of resident memory (VmHWM), which includes the
 ~300 MB that importing torch costs; a row "imports only" shows that floor.
 
-Run from the repository root: ``python benchmarks/pretrain.py``. Writes
-benchmarks/results/pretrain.json and benchmarks/results/pretrain_memory.png.
+Each pretrain.py run goes through :func:`measure_run` (``python benchmarks/pretrain.py
+--measure-run <pretrain.py arguments>``, plainly or under torchrun): it runs the script's
+``main`` and writes, per process, the sha256 of the model's parameters (equal digests: DDP kept
+every copy bit-identical) and the peak resident memory beside the run's ``summary.json``.
+
+Run from the repository root: ``python benchmarks/pretrain.py`` (``--quick`` for small sizes,
+``--out-dir`` for where the results go). Writes pretrain.json and pretrain_memory.png into a new
+run folder under benchmarks/runs/ unless ``--refresh-committed`` asks to replace the committed
+benchmarks/results/ files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -38,19 +47,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import describe, environment, summary, time_interleaved, write_report
+import torch
+from common import describe, environment, parse_run_args, summary, time_interleaved, write_report
 
+from shared.checkpoint import TrainHistory
+from shared.corpus import WindowSampler, prepare_corpus
+from shared.data import load_the_verdict
+from shared.distributed import launch_torchrun
+from shared.model import GPTModel
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import TrainSettings, WarmupCosine, make_optimizer, train_step
 from shared.utils import by_mode
 
 ROOT = Path(__file__).resolve().parent.parent
-
-RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
 PRETRAIN = ROOT / "ch05" / "pretrain.py"
 BASE_BYTES = by_mode(full=2 * 2**20, quick=64 * 2**10)
 SCALES = by_mode(full=(1, 4, 16), quick=(1, 4))
 DOCUMENT_BYTES = 256 * 2**10
 # The memory runs: a fixed number of quick-preset steps, whatever the corpus size.
-TRAIN_ARGS = ["--preset", "quick", "--batch-size", "8", "--context-length", "64", "--eval-interval", "10",
+TRAIN_ARGS = ["--quick", "--batch-size", "8", "--context-length", "64", "--eval-interval", "10",
               "--eval-batches", "2", "--no-progress"]  # fmt: skip
 TRAIN_STEPS = by_mode(full=40, quick=4)
 # The speed comparison: a small GPT (GPT-2's vocabulary), the book's model and ours.
@@ -72,8 +87,6 @@ DDP_STEPS = by_mode(full=20, quick=3)
 
 def make_corpus(folder: Path, total_bytes: int, seed: int = 0) -> Path:
     """Documents of shuffled Verdict sentences and sentences of random Verdict words."""
-    from shared.data import load_the_verdict
-
     text = load_the_verdict()
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
     words = re.findall(r"[A-Za-z']+", text)
@@ -119,17 +132,11 @@ def peak_rss_mb() -> float:
 
 
 def child(kind: str, data: str, prepared: str) -> dict:
-    import torch  # noqa: F401 - every child pays for torch, as the training script does
-
-    from shared.tokenizer import get_gpt2_tokenizer
-
     tokenizer = get_gpt2_tokenizer()
     started = time.perf_counter()
     if kind == "imports":
         pass
     elif kind == "prepare":
-        from shared.corpus import prepare_corpus
-
         corpus = prepare_corpus(data, prepared, tokenizer=tokenizer, progress=False)
         assert corpus.reused is False
     elif kind == "book":
@@ -155,20 +162,57 @@ def run_child(kind: str, data: Path, prepared: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_pretrain(args: list[str], torchrun: int = 0) -> dict:
-    """pretrain.py in a fresh process (or torchrun with N processes); returns its summary.json."""
-    from shared.distributed import launch_torchrun, run_process_tree
+def load_pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    return pretrain
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), LLMS_DEVICE="cpu")
+
+def parameter_digest(model) -> str:
+    """sha256 of every parameter's bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def measure_run(argv: list[str]) -> None:
+    """pretrain.py's main on ``argv``; then this process's digest and peak memory into ``<out-dir>/rank<R>.json``."""
+    pretrain = load_pretrain_script()
+    args = pretrain.parse_args(argv)
+    result = pretrain.main(argv)
+    if result is None:  # --prepare-only
+        return
+    model, _ = result
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"parameter_sha256": parameter_digest(model), "peak_rss_mb": peak_rss_mb()}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def run_pretrain(args: list[str], torchrun: int = 0, device: str = "cpu") -> dict:
+    """pretrain.py in a fresh process (or torchrun with N processes) through :func:`measure_run`.
+
+    Returns its summary.json plus ``rank_parameter_sha256`` and ``peak_rss_mb`` (rank 0's).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as out:
-        full = [*args, "--out", out]
+        full = ["--measure-run", *args, "--device", device, "--out-dir", out]
         if torchrun:
-            result = launch_torchrun(PRETRAIN, full, nproc_per_node=torchrun, timeout=1800, cwd=ROOT, env=env)
+            result = launch_torchrun(Path(__file__), full, nproc_per_node=torchrun, timeout=1800, cwd=ROOT, env=env)
         else:
-            result = run_process_tree([sys.executable, PRETRAIN, *full], timeout=1800, cwd=ROOT, env=env)
+            command = [sys.executable, __file__, *full]  # one process: nothing of its own to leave behind
+            result = subprocess.run(command, timeout=1800, cwd=ROOT, env=env, capture_output=True, text=True)
+            result.stdout += result.stderr
         if result.returncode != 0:
             raise RuntimeError(f"pretrain.py failed:\n{result.stdout[-3000:]}")
-        return json.loads((Path(out) / "summary.json").read_text())
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(max(torchrun, 1))]
+    summary["rank_parameter_sha256"] = [r["parameter_sha256"] for r in ranks]
+    summary["peak_rss_mb"] = ranks[0]["peak_rss_mb"]
+    return summary
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,7 +220,7 @@ def run_pretrain(args: list[str], torchrun: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def memory_table(work: Path) -> list[dict]:
+def memory_table(work: Path, device: str) -> list[dict]:
     rows = []
     imports = run_child("imports", work, work / "unused")
     print(f"imports only: {imports['peak_rss_mb']:.0f} MB", flush=True)
@@ -186,7 +230,7 @@ def memory_table(work: Path) -> list[dict]:
         prepared = work / f"prepared-{scale}x"
         prepare = run_child("prepare", data, prepared)
         train = run_pretrain(["--data", str(data), "--prepared-dir", str(prepared), "--max-steps", str(TRAIN_STEPS),
-                              *TRAIN_ARGS])  # fmt: skip
+                              *TRAIN_ARGS], device=device)  # fmt: skip
         book = run_child("book", data, prepared)
         row = {
             "scale": scale,
@@ -204,46 +248,37 @@ def memory_table(work: Path) -> list[dict]:
     return rows
 
 
-def speed_comparison(work: Path) -> dict:
-    """pretrain.py's run_step vs the book's loop body, same windows, interleaved rounds."""
-    import importlib.util
-    from contextlib import nullcontext
-
-    import torch
+def speed_comparison(work: Path, device: str) -> dict:
+    """pretrain.py's step (``train_step``) vs the book's loop body, same windows, interleaved rounds."""
     from llms_from_scratch.ch04 import GPTModel as BookGPTModel
     from llms_from_scratch.ch05 import calc_loss_batch as book_calc_loss_batch
 
-    from shared.corpus import WindowSampler, prepare_corpus
-    from shared.model import GPTModel
-    from shared.train import WarmupCosine, make_optimizer
-
-    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
+    pretrain = load_pretrain_script()
 
     corpus = prepare_corpus(work / "corpus-1x", work / "prepared-1x", progress=False)
     context = SPEED_CFG["context_length"]
     sampler = WindowSampler(corpus, "train", context, SPEED_BATCH, seed=1)
 
     torch.manual_seed(0)
-    ours = GPTModel(SPEED_CFG).train()
+    device = torch.device(device)
+    ours = GPTModel(SPEED_CFG).to(device).train()
     our_optimizer = make_optimizer(ours, lr=4e-4, weight_decay=0.1)
     total = SPEED_STEPS * (SPEED_ROUNDS + 1)  # warm-up round included
     schedule = WarmupCosine(our_optimizer, peak_lr=4e-4, total_steps=total, warmup_steps=2, min_lr=4e-5)
-    params = [p for p in ours.parameters() if p.requires_grad]
+    settings = TrainSettings(grad_clip=1.0, lr_schedule=schedule)
+    history = TrainHistory()
     torch.manual_seed(0)
-    book = BookGPTModel(SPEED_CFG).train()
+    book = BookGPTModel(SPEED_CFG).to(device).train()
     book_optimizer = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)  # as in the book
 
-    device = torch.device("cpu")
     ours_steps, book_steps = itertools.count(), itertools.count()  # both walk through the same steps
 
     def setup_ours():
         def step():
-            pretrain.run_step(
-                ours, our_optimizer, schedule, sampler, next(ours_steps), seed=1, rank=0, grad_accum=1,
-                grad_clip=1.0, params=params, device=device, autocast=nullcontext, ddp=False,
-            )  # fmt: skip
+            index = next(ours_steps)
+            torch.manual_seed(pretrain.step_seed(1, index, 0))
+            history.global_step = index
+            train_step(ours, our_optimizer, [sampler.batch(index, 0)], history, settings, device)
 
         return step
 
@@ -280,12 +315,12 @@ def speed_comparison(work: Path) -> dict:
     return result
 
 
-def ddp_comparison(work: Path) -> dict:
+def ddp_comparison(work: Path, device: str) -> dict:
     args = ["--data", str(work / "corpus-1x"), "--prepared-dir", str(work / "prepared-1x"),
             "--max-steps", str(DDP_STEPS), *TRAIN_ARGS]  # fmt: skip
     args[args.index("--eval-interval") + 1] = str(DDP_STEPS)
     # One run each: on a CPU each step takes over a second, so run-to-run noise is small next to it.
-    runs = {"single": run_pretrain(args), "ddp": run_pretrain(args, torchrun=2)}
+    runs = {"single": run_pretrain(args, device=device), "ddp": run_pretrain(args, torchrun=2, device=device)}
     result = {}
     for name, run in runs.items():
         result[name] = {
@@ -358,17 +393,18 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--measure-run"]:  # one pretrain.py run (see measure_run)
+        measure_run(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
+    if "--child" in sys.argv[1:]:  # one measurement (see child); writes nothing itself
+        args = parser.parse_args()
         print(json.dumps(child(args.child, args.data, args.prepared)))
         return
-
-    import torch
+    args = parse_run_args("pretrain", "", None, parser)
 
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per process gives steadier numbers
     record = environment()
@@ -376,12 +412,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as work:
         work = Path(work)
         report = {
-            "memory": memory_table(work),
-            "speed": speed_comparison(work),
-            "ddp": ddp_comparison(work),
+            "memory": memory_table(work, args.device),
+            "speed": speed_comparison(work, args.device),
+            "ddp": ddp_comparison(work, args.device),
         }
     write_report(args.out, "pretrain", record, report)
-    plot(report["memory"], args.out.with_name(args.out.stem + "_memory.png"))
+    plot(report["memory"], args.out.with_name("pretrain_memory.png"))
     print(markdown(report))
 
 

@@ -12,7 +12,10 @@ reaches, and both sides do the same products.
 - **matmul**: a lone (512 x 768) @ (768 x 3072) product, the feed-forward layer's shape for one
   batch, in float32 and bfloat16: median GFLOP/s over interleaved rounds.
 
-``LLMS_QUICK=1`` shrinks the model for a smoke run. Writes benchmarks/results/profile_step.json.
+``--quick`` (or ``LLMS_QUICK=1``) shrinks the model for a smoke run. Writes profile_step.json
+into a new folder under benchmarks/runs/ (``--out-dir`` to choose one, ``--refresh-committed``
+to replace benchmarks/results/profile_step.json). The profile reads CPU kernel times, so
+``--device`` accepts only ``cpu``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from common import describe, environment, parse_args, ready, time_interleaved, write_report
+from common import describe, environment, parse_run_args, ready, time_interleaved, write_report
 from torch.profiler import ProfilerActivity, profile
 
 from shared.model import GPT_CONFIGS, GPTModel
@@ -89,7 +92,9 @@ def matmul_rates() -> dict:
 
 
 def main(argv=None) -> None:
-    args = parse_args("profile_step", __doc__.splitlines()[0], argv)
+    args = parse_run_args("profile_step", __doc__.splitlines()[0], argv)
+    if torch.device(args.device).type != "cpu":
+        raise SystemExit(f"error: --device {args.device}: this profile reads CPU kernel times; use --device cpu.")
     record = environment()
     print(describe(record), flush=True)
     step = profile_step()

@@ -15,7 +15,7 @@ split into its ``W_query``/``W_key``/``W_value``). Before timing, a correctness 
 optimizer steps of both with dropout off and compares the losses.
 
 Two more columns of ours, same loop: ``ours_bf16`` runs the forward passes under bfloat16 autocast
-(``train_model(..., autocast_dtype=torch.bfloat16)``: bfloat16 matrix products, float32 weights,
+(``train_model(..., settings=TrainSettings(autocast_dtype=torch.bfloat16))``: bfloat16 matrix products, float32 weights,
 gradients and optimizer state), and with ``--compile`` ``ours_bf16_compile`` adds
 ``torch.compile`` (worth it on a GPU; on a small CPU the compilation takes minutes). Their first
 losses are compared with the book's float32 ones too, to bfloat16's precision.
@@ -27,8 +27,10 @@ tokens trained per second of wall time (evaluation and sampling included, as a l
 them), and the headline ratio is the median of the per-round ratios (ours / book).
 ``LLMS_QUICK=1`` shrinks the model, the context and the text to a smoke test.
 
-Run from the repository root: ``python benchmarks/train.py``. Writes benchmarks/results/train.json
-(``--device cuda --compile --out benchmarks/results/train_cuda.json`` for the GPU table).
+Run from the repository root: ``python benchmarks/train.py`` (``--quick`` for a smoke run). Writes
+train.json into a new folder under benchmarks/runs/ (``--out-dir`` to choose one;
+``--refresh-committed`` replaces benchmarks/results/train.json, or train_cuda.json with
+``--device cuda``; add ``--compile`` for the GPU table).
 """
 
 from __future__ import annotations
@@ -46,18 +48,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, load_ours_into_book  # benchmarks/common.py
+from common import environment, load_ours_into_book, parse_run_args  # benchmarks/common.py
 
 from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import autocast, calc_loss_batch, make_optimizer, train_model
+from shared.train import TrainSettings, autocast, calc_loss_batch, make_optimizer, train_model
 from shared.utils import by_mode, get_device, is_quick
-
-ROOT = Path(__file__).resolve().parent.parent
-
-RESULTS = ROOT / "benchmarks" / "results" / "train.json"
 
 # The book's GPT_CONFIG_124M for chapter 5, or a toy in quick mode (same data and loaders).
 CFG = by_mode(
@@ -181,7 +179,7 @@ def run_ours(model, optimizer, train_loader, val_loader, tokenizer, device, auto
     with contextlib.redirect_stdout(io.StringIO()):  # the sample after the epoch, as for the book
         history = train_model(
             model, train_loader, val_loader, optimizer, device, 1, EVAL_FREQ, EVAL_ITER,
-            start_context=START_CONTEXT, tokenizer=tokenizer, progress=False, autocast_dtype=autocast_dtype,
+            start_context=START_CONTEXT, tokenizer=tokenizer, progress=False, settings=TrainSettings(autocast_dtype=autocast_dtype),
         )  # fmt: skip
     _synchronize(device)
     return time.perf_counter() - started, history.val_losses[-1]
@@ -294,7 +292,7 @@ def write_json(path: Path, result: dict) -> None:
 
 LABELS = {
     "ours": "ours: `train_model` + `make_optimizer`, float32",
-    "ours_bf16": "ours, bfloat16 autocast (`autocast_dtype=torch.bfloat16`)",
+    "ours_bf16": "ours, bfloat16 autocast (`TrainSettings(autocast_dtype=torch.bfloat16)`)",
     "ours_bf16_compile": "ours, bfloat16 autocast + `torch.compile`",
     "book": "book: `train_model_simple` + `AdamW`, float32",
 }
@@ -302,13 +300,11 @@ LABELS = {
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"JSON file to write (default {RESULTS.relative_to(ROOT)})"
-    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
-    args = parser.parse_args(argv)
-    out_path, device = args.out, get_device(args.device)
+    device = get_device(parser.parse_known_args(argv)[0].device)
+    args = parse_run_args("train" if device.type == "cpu" else f"train_{device.type}", "", argv, parser)
+    out_path = args.out
     try:
         import llms_from_scratch.ch05  # noqa: F401
     except ImportError:

@@ -7,21 +7,24 @@ From the repository root:
     python ch05/generate.py --model checkpoints/ --beams 4 --interactive
 
 ``--model`` is a folder in Hugging Face's GPT-2 format (``config.json`` + ``model.safetensors``,
-what ``ch05/pretrain.py --out`` writes and ``shared.weights.download_gpt2`` fetches), a
+what ``ch05/pretrain.py --out-dir`` writes and ``shared.weights.download_gpt2`` fetches), a
 checkpoint file written by ``shared.checkpoint``, or a folder of ``step_<N>.pt`` checkpoints
 (the newest readable one is used). ``--interactive`` keeps the model loaded and reads one
-prompt per line until end of input.
+prompt per line until end of input. ``--out-dir`` also writes each prompt and its text to
+``generations.jsonl`` there; ``--quick`` makes the default continuation short (10 tokens). The
+exit status is non-zero when any prompt failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from shared.checkpoint import CheckpointError, read_checkpoint, step_checkpoints
+from shared.checkpoint import CheckpointError, newest_checkpoint, read_checkpoint
 from shared.generate import beam_search, generate
 from shared.model import GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
@@ -35,17 +38,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> GPTModel
     if path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return load_hf_gpt2(path).to(device).eval()
     if path.is_dir():
-        candidates = step_checkpoints(path)
-        if not candidates:
+        newest = newest_checkpoint(path)  # skips unreadable ones with a warning
+        if newest is None:
             raise FileNotFoundError(
                 f"{path} holds neither {CONFIG_FILE} + {WEIGHTS_FILE} nor step_<N>.pt checkpoints."
             )
-        for candidate in reversed(candidates):
-            try:
-                return _from_checkpoint(candidate, device)
-            except CheckpointError as error:
-                print(f"warning: {error}\n  -> trying the previous checkpoint.", file=sys.stderr)
-        raise CheckpointError(f"no checkpoint in {path} is readable.")
+        return _from_checkpoint(newest, device)
     if path.is_file():
         return _from_checkpoint(path, device)
     raise FileNotFoundError(f"{path} does not exist.")
@@ -90,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", required=True, help="HF-format folder, checkpoint file or checkpoint folder"
     )
     parser.add_argument("--prompt", default="Every effort moves you")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 50; 10 with --quick)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -99,7 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     parser.add_argument("--interactive", action="store_true", help="read prompts line by line from stdin")
+    parser.add_argument("--out-dir", type=Path, help="also write the prompts and texts to <out-dir>/generations.jsonl")
+    parser.add_argument("--quick", action="store_true", help="a short continuation (10 tokens by default)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 10 if args.quick else 50
     if args.beams > 1 and (args.temperature > 0 or args.top_k or args.top_p):
         parser.error(
             "beam search is deterministic: do not combine --beams with --temperature, --top-k or --top-p."
@@ -118,25 +120,33 @@ def main(argv=None) -> list[str]:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     tokenizer = get_gpt2_tokenizer()
-    outputs = []
+    outputs, failures = [], 0
 
     def answer(prompt: str) -> None:
+        nonlocal failures
         torch.manual_seed(args.seed)  # the same prompt and seed give the same text
         try:
             text = complete(model, tokenizer, prompt, args, device)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
+            failures += 1
             return
         outputs.append(text)
         print(prompt + text, flush=True)
+        if args.out_dir is not None:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(args.out_dir / "generations.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps({"prompt": prompt, "text": text}) + "\n")
 
-    if not args.interactive:
+    if args.interactive:
+        print("Type a prompt and press Enter (end of input, Ctrl-D, quits).", file=sys.stderr, flush=True)
+        for line in sys.stdin:
+            if line.strip():
+                answer(line.rstrip("\n"))
+    else:
         answer(args.prompt)
-        return outputs
-    print("Type a prompt and press Enter (end of input, Ctrl-D, quits).", file=sys.stderr, flush=True)
-    for line in sys.stdin:
-        if line.strip():
-            answer(line.rstrip("\n"))
+    if failures:
+        raise SystemExit(1)
     return outputs
 
 

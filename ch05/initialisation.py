@@ -12,11 +12,13 @@ The ch05 notebook's run (GPT-2 small, context 256, batch 2, AdamW lr 4e-4 and we
   to isolate which difference matters.
 
 Each is run for every seed given; the data order and the dropout masks follow the seed. The
-losses after each epoch go to ``ch05/initialisation.json`` and a table is printed. On a GPU the
-whole comparison takes under a minute; on a laptop CPU each run takes 5-50 minutes.
+losses after each epoch go to ``initialisation.json`` in ``--out-dir`` (default: a new folder
+under ``runs/``; ``--refresh-committed`` replaces the committed ``ch05/initialisation.json``)
+and a table is printed. On a GPU the whole comparison takes under a minute; on a laptop CPU
+each run takes 5-50 minutes.
 
     python ch05/initialisation.py --device cuda --seeds 123 7
-    LLMS_QUICK=1 python ch05/initialisation.py --epochs 1      # a smoke test with a tiny model
+    python ch05/initialisation.py --quick --epochs 1      # a smoke test with a tiny model (or LLMS_QUICK=1)
 """
 
 from __future__ import annotations
@@ -34,19 +36,19 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.train import train_model
-from shared.utils import atomic_path, by_mode, get_device
+from shared.utils import add_output_args, atomic_path, get_device, is_quick, output_dir
 
 HERE = Path(__file__).resolve().parent
-CFG = by_mode(
-    full={**GPT_CONFIGS["gpt2-small"], "context_length": 256},
-    quick={**GPT_CONFIGS["gpt2-small"], "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2},
-)
+CONFIGS = {
+    "full": {**GPT_CONFIGS["gpt2-small"], "context_length": 256},
+    "quick": {**GPT_CONFIGS["gpt2-small"], "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2},
+}
 SCHEMES = ("gpt2", "pytorch", "gpt2_embeddings_n01")
 
 
-def initialised_model(scheme: str, seed: int) -> GPTModel:
+def initialised_model(cfg: dict, scheme: str, seed: int) -> GPTModel:
     torch.manual_seed(seed)
-    model = GPTModel(CFG)  # GPT-2's initialisation
+    model = GPTModel(cfg)  # GPT-2's initialisation
     if scheme == "pytorch":
         model.reset_parameters("pytorch")
     elif scheme == "gpt2_embeddings_n01":
@@ -55,9 +57,9 @@ def initialised_model(scheme: str, seed: int) -> GPTModel:
     return model
 
 
-def run(scheme: str, seed: int, epochs: int, device) -> dict:
-    model = initialised_model(scheme, seed).to(device)
-    train_loader, val_loader = train_val_loaders(load_the_verdict(), CFG["context_length"])
+def run(cfg: dict, scheme: str, seed: int, epochs: int, device) -> dict:
+    model = initialised_model(cfg, scheme, seed).to(device)
+    train_loader, val_loader = train_val_loaders(load_the_verdict(), cfg["context_length"])
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     started = time.perf_counter()
@@ -91,10 +93,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[123])
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--device", default=None, help="default: the best available (shared.utils)")
-    parser.add_argument("--out", type=Path, default=HERE / "initialisation.json")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, same code (as LLMS_QUICK=1)")
+    add_output_args(parser, "initialisation", committed=HERE)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    out = output_dir(parser, args, "initialisation", committed=HERE) / "initialisation.json"
+    cfg = CONFIGS["quick" if args.quick or is_quick() else "full"]
     device = get_device(args.device)  # None: the best available; a name is checked against this machine
 
     runs = []
@@ -102,14 +107,14 @@ def main(argv=None) -> None:
     print("|---|---:|---|---:|---:|---:|")
     for seed in args.seeds:
         for scheme in args.schemes:
-            row = run(scheme, seed, args.epochs, device)
+            row = run(cfg, scheme, seed, args.epochs, device)
             runs.append(row)
             per_epoch = " ".join(f"{loss:.2f}" for loss in row["train_loss_per_epoch"])
             print(f"| {scheme} | {seed} | {per_epoch} | {row['final_train_loss']:.2f} | "
                   f"{row['final_val_loss']:.2f} | {row['min_val_loss']:.2f} |", flush=True)  # fmt: skip
     payload = {
         "settings": {
-            "config": CFG, "epochs": args.epochs, "batch": 2, "optimizer": "AdamW(lr=4e-4, weight_decay=0.1)",
+            "config": cfg, "epochs": args.epochs, "batch": 2, "optimizer": "AdamW(lr=4e-4, weight_decay=0.1)",
             "eval_freq": 5, "eval_iter": 5, "data": "The Verdict, 90/10 split, stride 256",
         },  # fmt: skip
         "hardware": {
@@ -120,9 +125,10 @@ def main(argv=None) -> None:
         },
         "runs": runs,
     }
-    with atomic_path(args.out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

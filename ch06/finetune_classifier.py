@@ -22,7 +22,7 @@ import torch
 
 from shared import classification as cls
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import make_optimizer, train_model
+from shared.train import TrainSettings, make_optimizer, train_model
 from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
 from shared.weights import load_gpt2_or_standin
 
@@ -156,8 +156,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         epochs,
         args.eval_freq,
         args.eval_iter,
-        loss_fn=cls.classification_loss,
-        epoch_end=log_epoch,
+        settings=TrainSettings(loss_fn=cls.classification_loss, epoch_end=log_epoch),
         progress=args.progress,
     )
     train_seconds = time.perf_counter() - train_started

@@ -46,7 +46,7 @@ from shared.instruction import (
 )
 from shared.model import GPT_CONFIGS
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import calc_loss_loader, make_optimizer, train_model
+from shared.train import TrainSettings, calc_loss_loader, make_optimizer, train_model
 from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
 from shared.weights import load_gpt2_or_standin, save_hf_gpt2
 
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
         eval_iter=args.eval_iter,
         start_context=format_prompt(val_data[0], args.style),
         tokenizer=tokenizer,
-        max_new_tokens=min(35, args.max_new_tokens),
+        settings=TrainSettings(max_new_tokens=min(35, args.max_new_tokens)),
     )
     train_seconds = time.perf_counter() - start
     with torch.no_grad():

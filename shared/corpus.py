@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from shared.data import data_dir
+from shared.tokenizer import get_gpt2_tokenizer
 from shared.utils import atomic_path
 
 FORMAT = "llms-corpus/1"
@@ -188,8 +192,6 @@ def encode_file(path: Path, tokenizer, block_bytes: int = BLOCK_BYTES, progress=
 
 def _tokenizer_and_name(tokenizer):
     if tokenizer is None:
-        from shared.tokenizer import get_gpt2_tokenizer
-
         tokenizer = get_gpt2_tokenizer()
     name = getattr(tokenizer, "name", type(tokenizer).__name__)
     if tokenizer.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
@@ -222,6 +224,41 @@ def default_prepared_dir(data: str | os.PathLike) -> Path:
     """``<data>.tokens`` beside the file or folder."""
     data = Path(data)
     return data.with_name(data.name + ".tokens")
+
+
+def choose_prepared_dir(data: str | os.PathLike, chosen: str | os.PathLike | None = None) -> Path:
+    """``chosen``, else ``<data>.tokens`` beside the data, else (read-only data) a folder in the course's data folder."""
+    if chosen:
+        return Path(chosen)
+    beside = default_prepared_dir(data)
+    if beside.is_dir() or os.access(beside.parent, os.W_OK):
+        return beside
+    tag = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]
+    return data_dir() / "prepared-corpora" / f"{beside.name}-{tag}"
+
+
+def prepare_for_training(
+    data: str | os.PathLike, prepared_dir=None, *, val_fraction: float = 0.1, progress: bool = True
+) -> PreparedCorpus:
+    """:func:`prepare_corpus` once per training run: under ``torch.distributed`` rank 0 prepares
+    (or reuses) the corpus while the other processes wait, then they open what it wrote.
+
+    ``prepared_dir`` None: see :func:`choose_prepared_dir`. Rank 0 prints what it found.
+    """
+    folder = choose_prepared_dir(data, prepared_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        started = time.perf_counter()
+        corpus = prepare_corpus(data, folder, val_fraction=val_fraction, progress=progress)
+        how = "reused" if corpus.reused else f"prepared in {time.perf_counter() - started:.1f} s"
+        train, val = corpus.train[1] - corpus.train[0], corpus.val[1] - corpus.val[0]
+        print(f"corpus: {corpus.num_tokens:,} tokens ({how}) in {corpus.folder}; train {train:,}, "
+              f"validation {val:,}", flush=True)  # fmt: skip
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        if rank != 0:
+            corpus = PreparedCorpus.open(folder)
+    return corpus
 
 
 def prepare_corpus(

@@ -1,36 +1,49 @@
-"""The training loop, built in ch05 and reused by ch06, ch07 and appendix D.
+"""The training loop, built in ch05 and reused by ch06, ch07, appendix D and ``ch05/pretrain.py``.
 
 One loop serves every chapter: what changes between pretraining, classification and
-instruction finetuning is only how a batch turns into a loss, so the loss is a parameter.
+instruction finetuning is only how a batch turns into a loss, so the loss is a setting.
 
 - :func:`calc_loss_batch`: next-token cross-entropy of one batch (the ch05 loss);
 - :func:`calc_loss_loader` and :func:`evaluate_model`: average losses for monitoring;
-- :func:`train_model`: the loop, with the book's argument order, plus a pluggable loss, a
-  learning-rate schedule and gradient clipping (appendix D), gradient accumulation, a progress
-  bar, per-epoch metrics and exact resumption from a checkpoint (:mod:`shared.checkpoint`);
+- :class:`TrainSettings` and :func:`train_step`: one optimizer step (forward, loss, backward,
+  gradient accumulation, clipping, learning-rate schedule, step), the same in every loop;
+- :func:`evaluate_and_record`: evaluate and append the result to the history;
+- :func:`train_model`: the epoch loop, with the book's argument order, a progress bar,
+  per-epoch metrics and exact resumption at epoch boundaries (:mod:`shared.checkpoint`);
 - :func:`make_optimizer`: AdamW with weight decay on matrices only, fused where possible;
 - :func:`lr_at` and :class:`WarmupCosine`: linear warm-up then cosine decay (appendix D);
-- :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32).
+- :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32);
+- :func:`save_training_run`: a finished run's model (Hugging Face format), loss log and plot.
 
 A loss function has the signature of :func:`calc_loss_batch`:
-``loss_fn(input_batch, target_batch, model, device) -> scalar tensor``.
+``loss_fn(input_batch, target_batch, model, device) -> scalar tensor``. ``device=None``
+everywhere in this module means "where the model is"; no function here moves the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
+from shared.checkpoint import TrainHistory, save_checkpoint
+from shared.generate import generate
 from shared.utils import eval_mode
+from shared.weights import save_hf_gpt2
 
 LossFn = Callable[[object, object, nn.Module, torch.device], torch.Tensor]
 
@@ -44,12 +57,19 @@ class EmptyLoaderError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def calc_loss_batch(input_batch, target_batch, model: nn.Module, device) -> torch.Tensor:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: what ``device=None`` means in this module."""
+    return next(model.parameters()).device
+
+
+def calc_loss_batch(input_batch, target_batch, model: nn.Module, device=None) -> torch.Tensor:
     """Mean next-token cross-entropy of one batch.
 
     ``input_batch`` and ``target_batch`` are (batch, tokens) ids; targets are the inputs
-    shifted by one. Positions whose target is -100 (padding in ch07) do not count.
+    shifted by one. Positions whose target is -100 (padding in ch07) do not count. The batch is
+    moved to ``device`` (None: where the model is); the model is never moved.
     """
+    device = model_device(model) if device is None else device
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
     logits = model(input_batch)
@@ -74,16 +94,19 @@ def _empty_loader_message(loader) -> str:
 def calc_loss_loader(
     loader: Iterable,
     model: nn.Module,
-    device,
+    device=None,
     num_batches: int | None = None,
     loss_fn: LossFn = calc_loss_batch,
 ) -> float:
     """Mean loss over the first ``num_batches`` batches of ``loader`` (all of them when None).
 
+    ``device=None``: where the model is.
+
     Raises :class:`EmptyLoaderError` when the loader yields nothing, instead of returning nan.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1 or None, got {num_batches}.")
+    device = model_device(model) if device is None else device
     total, count = None, 0
     for input_batch, target_batch in islice(loader, num_batches):
         loss = loss_fn(input_batch, target_batch, model, device).detach()
@@ -95,7 +118,7 @@ def calc_loss_loader(
 
 
 def evaluate_model(
-    model: nn.Module, train_loader, val_loader, device, eval_iter: int, loss_fn: LossFn = calc_loss_batch
+    model: nn.Module, train_loader, val_loader, device=None, eval_iter: int = 5, loss_fn: LossFn = calc_loss_batch
 ) -> tuple[float, float]:
     """Training and validation loss over ``eval_iter`` batches each, with dropout off.
 
@@ -234,10 +257,6 @@ class WarmupCosine:
         lr_at(0, **self.settings)  # validate the settings now, not at the first step
         self.step = 0
 
-    @property
-    def warmup_steps(self) -> int:
-        return self.settings["warmup_steps"]
-
     def lr(self, step: int) -> float:
         return lr_at(step, **self.settings)
 
@@ -261,48 +280,102 @@ class WarmupCosine:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# One optimizer step
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainHistory:
-    """What :func:`train_model` records, and where it stands (for resuming).
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`train_step` turns micro-batches into an optimizer step, and what runs after each epoch.
 
-    Unpacks like the book's ``train_model_simple`` result:
-    ``train_losses, val_losses, tokens_seen = history``.
+    - ``loss_fn(input_batch, target_batch, model, device)``: a batch's scalar loss; the default is
+      next-token cross-entropy (:func:`calc_loss_batch`). ch06 passes a classification loss.
+    - ``grad_accum_steps``: sum the gradients of this many batches per optimizer step (each
+      batch's loss is divided by it, so the step sees their mean).
+    - ``grad_clip``: rescale the gradients so their global norm is at most this, on every
+      optimizer step ``>= clip_from_step`` (appendix D clips from the end of warm-up); the norm
+      before clipping is measured on every step.
+    - ``lr_schedule.apply(step)`` sets the learning rate before each optimizer step.
+    - ``autocast_dtype=torch.bfloat16``: forward passes under bfloat16 autocast (see
+      :func:`autocast`); None trains in float32.
+    - ``epoch_end(epoch, model)``: run by :func:`train_model` after each epoch; the dict it
+      returns is stored in ``history.epoch_metrics`` (ch06 reports accuracies this way).
+    - ``max_new_tokens``: the length of :func:`train_model`'s greedy sample after each epoch.
     """
 
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    tokens_seen: list[int] = field(default_factory=list)  # tokens trained on at each evaluation
-    examples_seen: list[int] = field(default_factory=list)  # rows trained on at each evaluation
-    eval_steps: list[int] = field(default_factory=list)  # optimizer step of each evaluation
-    lrs: list[float] = field(default_factory=list)  # learning rate of each optimizer step
-    grad_norms: list[float] = field(default_factory=list)  # pre-clip global norm, when clipping
-    clipped: list[bool] = field(default_factory=list)  # whether clipping was applied at each step
-    epoch_metrics: list[dict] = field(default_factory=list)  # epoch_end's results, one per epoch
-    global_step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # micro-batches consumed in the current epoch
-    total_tokens: int = 0
-    total_examples: int = 0
-    elapsed: float = 0.0  # seconds of training, summed over resumed runs
-    # torch's CPU random state at the start of the current epoch: replaying it gives the
-    # epoch's shuffle order again when a run resumes in the middle of an epoch.
-    epoch_rng_state: torch.Tensor | None = None
-    loader_rng_state: torch.Tensor | None = None
+    loss_fn: LossFn = calc_loss_batch
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    clip_from_step: int = 0
+    lr_schedule: WarmupCosine | None = None
+    autocast_dtype: torch.dtype | str | None = None
+    epoch_end: Callable[[int, nn.Module], dict] | None = None
+    max_new_tokens: int = 50
 
-    def __iter__(self):
-        return iter((self.train_losses, self.val_losses, self.tokens_seen))
+    def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be at least 1, got {self.grad_accum_steps}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be a positive max norm or None, got {self.grad_clip}.")
+        autocast("cpu", self.autocast_dtype)  # refuses a bad dtype before any work is done
 
-    def state_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_state_dict(cls, state: dict) -> TrainHistory:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in state.items() if key in known})
+def train_step(
+    model: nn.Module, optimizer, batches, history: TrainHistory, settings: TrainSettings, device=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step: forward, loss, backward over each micro-batch, then clip, schedule, step.
+
+    ``batches``: the ``(input_batch, target_batch)`` pairs of this step (at most
+    ``settings.grad_accum_steps``; an epoch's leftover batches make a shorter step). Records
+    the step's learning rate (and whether it clipped) in ``history`` and advances
+    ``history.global_step``. Under DistributedDataParallel only the last micro-batch
+    all-reduces the gradients. Returns the step's mean loss and the gradient norm before
+    clipping (None without ``grad_clip``), both still on the device so that nothing waits.
+    """
+    device = model_device(model) if device is None else device
+    scale = settings.grad_accum_steps
+    total = None
+    for index, (input_batch, target_batch) in enumerate(batches):
+        last = index == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, settings.autocast_dtype):
+                loss = settings.loss_fn(input_batch, target_batch, model, device)
+            (loss / scale if scale > 1 else loss).backward()
+        loss = loss.detach() / scale if scale > 1 else loss.detach()
+        total = loss if total is None else total + loss
+    step = history.global_step
+    if settings.lr_schedule is not None:
+        settings.lr_schedule.apply(step)
+    history.lrs.append(optimizer.param_groups[0]["lr"])
+    norm = None
+    if settings.grad_clip is not None:
+        clip_now = step >= settings.clip_from_step
+        params = [p for p in model.parameters() if p.requires_grad]
+        # With an infinite max norm the call only measures the norm (the scale factor is 1).
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if clip_now else float("inf"))
+        history.clipped.append(clip_now)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    history.global_step += 1
+    return total, None if norm is None else norm.detach()
+
+
+def evaluate_and_record(
+    model: nn.Module, train_loader, val_loader, history: TrainHistory, eval_iter: int, settings: TrainSettings,
+    device=None,
+) -> tuple[float, float]:  # fmt: skip
+    """:func:`evaluate_model` under the settings' precision, recorded in ``history`` at the last step."""
+    device = model_device(model) if device is None else device
+    with autocast(device, settings.autocast_dtype):
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, settings.loss_fn)
+    history.record_evaluation(history.global_step - 1, train_loss, val_loss)
+    return train_loss, val_loss
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
 
 
 def _count(batch) -> tuple[int, int]:
@@ -316,41 +389,18 @@ def _count(batch) -> tuple[int, int]:
     return batch.numel(), (batch.shape[0] if batch.ndim else 1)
 
 
-def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -> str:
-    from shared.generate import generate  # imported here: generate imports the model, not train
+def _groups(loader, size: int) -> Iterator[list]:
+    """The loader's batches in lists of ``size`` (the last list of an epoch may be shorter)."""
+    batches = iter(loader)
+    while group := list(islice(batches, size)):
+        yield group
 
+
+def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -> str:
     ids = torch.tensor([tokenizer.encode(start_context)], device=device)
     with eval_mode(model):
         out = generate(model, ids, max_new_tokens=max_new_tokens)  # crops to the context window itself
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
-
-
-def _loader_generator(loader) -> torch.Generator | None:
-    generator = getattr(loader, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
-
-
-def _start_epoch(train_loader, history: TrainHistory):
-    """An iterator over the epoch's batches, replaying the shuffle when resuming mid-epoch."""
-    generator = _loader_generator(train_loader)
-    if history.batches_done == 0:
-        history.epoch_rng_state = torch.get_rng_state()
-        history.loader_rng_state = generator.get_state() if generator is not None else None
-        return iter(train_loader)
-    # Resuming mid-epoch: rewind the random state to the epoch's start, draw the same shuffle,
-    # skip the batches already trained on, then return to the state the checkpoint saved.
-    now = torch.get_rng_state()
-    generator_now = generator.get_state() if generator is not None else None
-    torch.set_rng_state(history.epoch_rng_state)
-    if generator is not None and history.loader_rng_state is not None:
-        generator.set_state(history.loader_rng_state)
-    batches = iter(train_loader)
-    for _ in range(history.batches_done):
-        next(batches)
-    torch.set_rng_state(now)
-    if generator_now is not None:
-        generator.set_state(generator_now)
-    return batches
 
 
 def train_model(
@@ -365,61 +415,36 @@ def train_model(
     start_context: str | None = None,
     tokenizer=None,
     *,
-    loss_fn: LossFn = calc_loss_batch,
-    lr_schedule: WarmupCosine | None = None,
-    grad_clip: float | None = None,
-    clip_from_step: int = 0,
-    grad_accum_steps: int = 1,
-    epoch_end: Callable[[int, nn.Module], dict] | None = None,
-    max_new_tokens: int = 50,
+    settings: TrainSettings | None = None,
     progress: bool = True,
     history: TrainHistory | dict | None = None,
     checkpoint_path=None,
-    checkpoint_every: int | None = None,
-    autocast_dtype: torch.dtype | str | None = None,
 ) -> TrainHistory:
     """Train for ``num_epochs`` epochs; evaluate every ``eval_freq`` optimizer steps.
 
     - Evaluation (``eval_iter`` batches of each loader, dropout off) happens after optimizer
       steps 0, eval_freq, 2 * eval_freq, ..., as in the book's ``train_model_simple``, so for the
       same weights, data order and loss the recorded losses are the book's.
-    - ``loss_fn(input_batch, target_batch, model, device)`` turns a batch into a scalar loss;
-      the default is next-token cross-entropy. ch06 passes a classification loss.
-    - ``lr_schedule.apply(step)`` sets the learning rate before each optimizer step.
-    - ``grad_clip``: rescale the gradients so their global norm is at most this, on every
-      optimizer step ``>= clip_from_step`` (appendix D clips from the end of warm-up).
-    - ``grad_accum_steps``: sum the gradients of this many batches per optimizer step (each
-      batch's loss is divided by it, so the step sees their mean); an epoch's leftover batches
-      still make one step.
-    - ``epoch_end(epoch, model)`` runs after each epoch; the dict it returns is stored in
-      ``history.epoch_metrics`` (ch06 reports accuracies this way).
+    - ``device``: where batches go (None: where the model is; the model is never moved).
+    - ``settings``: a :class:`TrainSettings` (loss, gradient accumulation, clipping, learning-rate
+      schedule, bfloat16 autocast, an ``epoch_end`` hook); the default is the book's loop.
     - A greedy sample from ``start_context`` is printed after each epoch when ``tokenizer`` is given.
-    - ``history``: a :class:`TrainHistory` (or its ``state_dict()``) from a checkpoint; training
-      continues where it stopped, mid-epoch included, with the same data order.
-    - ``checkpoint_path`` + ``checkpoint_every``: save a resumable checkpoint (atomically) every
-      ``checkpoint_every`` optimizer steps and at the end of every epoch.
-    - ``autocast_dtype=torch.bfloat16``: forward passes (training, evaluation, samples) under
-      bfloat16 autocast (see :func:`autocast`); the default None trains in float32.
+    - ``history``: a :class:`TrainHistory` (or its ``state_dict()``) from a checkpoint saved at the
+      end of an epoch; training continues where it stopped, with the same data order.
+    - ``checkpoint_path``: save a resumable checkpoint there (atomically) after every epoch.
 
-    The loss is read from the device only at evaluations, so steps run without waiting for it.
-    Returns the :class:`TrainHistory`, which unpacks as ``train_losses, val_losses, tokens_seen``.
+    Returns the :class:`TrainHistory` (it unpacks as ``train_losses, val_losses, tokens_seen``).
+    The loss is read from the device only at evaluations, so steps never wait for it.
     """
-    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1 or grad_accum_steps < 1:
+    settings = settings if settings is not None else TrainSettings()
+    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1:
         raise ValueError(
-            "need num_epochs >= 0, eval_freq >= 1, eval_iter >= 1 and grad_accum_steps >= 1; got "
-            f"{num_epochs}, {eval_freq}, {eval_iter}, {grad_accum_steps}."
+            f"need num_epochs >= 0, eval_freq >= 1 and eval_iter >= 1; got {num_epochs}, {eval_freq}, {eval_iter}."
         )
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be a positive max norm or None, got {grad_clip}.")
-    if checkpoint_every is not None and checkpoint_path is None:
-        raise ValueError("checkpoint_every needs a checkpoint_path to write to.")
     if isinstance(history, dict):
         history = TrainHistory.from_state_dict(history)
     history = history if history is not None else TrainHistory()
-    device = torch.device(device)
-    autocast(device, autocast_dtype)  # refuses a bad dtype before any work is done
-    params = [p for p in model.parameters() if p.requires_grad]
-
+    device = model_device(model) if device is None else torch.device(device)
     pending_norms: list[torch.Tensor] = []  # kept on the device until the history needs them
     started = time.perf_counter()
 
@@ -432,78 +457,97 @@ def train_model(
         history.elapsed += now - started
         started = now
 
-    def save() -> None:
-        from shared.checkpoint import save_checkpoint  # checkpoint imports this module
-
-        sync_history()
-        save_checkpoint(checkpoint_path, model, optimizer, history=history, lr_schedule=lr_schedule)
-
-    steps_per_epoch = (
-        math.ceil(len(train_loader) / grad_accum_steps) if hasattr(train_loader, "__len__") else None
-    )
-    total = steps_per_epoch * num_epochs if steps_per_epoch is not None else None
+    sized = hasattr(train_loader, "__len__")
+    total = math.ceil(len(train_loader) / settings.grad_accum_steps) * num_epochs if sized else None
     bar = tqdm(total=total, initial=history.global_step, desc="training", unit="step", disable=not progress)
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     while history.epoch < num_epochs:
-        batches = _start_epoch(train_loader, history)
-        micro = 0  # micro-batches accumulated into the current step
-        optimizer.zero_grad(set_to_none=True)
-        remaining = len(train_loader) - history.batches_done if hasattr(train_loader, "__len__") else None
-        for index, (input_batch, target_batch) in enumerate(batches):
-            with autocast(device, autocast_dtype):
-                loss = loss_fn(input_batch, target_batch, model, device)
-            (loss / grad_accum_steps if grad_accum_steps > 1 else loss).backward()
-            tokens, rows = _count(input_batch)
-            history.total_tokens += tokens
-            history.total_examples += rows
-            history.batches_done += 1
-            micro += 1
-            last_of_epoch = remaining is not None and index + 1 == remaining
-            if micro < grad_accum_steps and not last_of_epoch:
-                continue
-
-            step = history.global_step
-            if lr_schedule is not None:
-                lr_schedule.apply(step)
-            history.lrs.append(optimizer.param_groups[0]["lr"])
-            if grad_clip is not None:
-                clip_now = step >= clip_from_step
-                # With an infinite max norm the call only measures the norm (the scale factor is 1).
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if clip_now else float("inf"))
-                pending_norms.append(norm.detach())
-                history.clipped.append(clip_now)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            micro = 0
-            history.global_step += 1
+        for batches in _groups(train_loader, settings.grad_accum_steps):
+            for input_batch, _ in batches:
+                tokens, rows = _count(input_batch)
+                history.total_tokens += tokens
+                history.total_examples += rows
+            _, norm = train_step(model, optimizer, batches, history, settings, device)
+            if norm is not None:
+                pending_norms.append(norm)
             bar.update(1)
-
-            if step % eval_freq == 0:
-                with autocast(device, autocast_dtype):
-                    train_loss, val_loss = evaluate_model(
-                        model, train_loader, val_loader, device, eval_iter, loss_fn
-                    )
-                history.train_losses.append(train_loss)
-                history.val_losses.append(val_loss)
-                history.tokens_seen.append(history.total_tokens)
-                history.examples_seen.append(history.total_examples)
-                history.eval_steps.append(step)
+            if (history.global_step - 1) % eval_freq == 0:
+                train_loss, val_loss = evaluate_and_record(
+                    model, train_loader, val_loader, history, eval_iter, settings, device
+                )
                 sync_history()
                 bar.set_postfix(epoch=history.epoch + 1, train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if checkpoint_every is not None and history.global_step % checkpoint_every == 0:
-                save()
-
         history.epoch += 1
-        history.batches_done = 0
-        if epoch_end is not None:
-            history.epoch_metrics.append(dict(epoch_end(history.epoch, model)))
+        if settings.epoch_end is not None:
+            history.epoch_metrics.append(dict(settings.epoch_end(history.epoch, model)))
             model.train()
         if tokenizer is not None and start_context is not None:
-            with autocast(device, autocast_dtype):
-                sample = _sample(model, tokenizer, start_context, device, max_new_tokens)
+            with autocast(device, settings.autocast_dtype):
+                sample = _sample(model, tokenizer, start_context, device, settings.max_new_tokens)
             bar.write(f"epoch {history.epoch}: {sample}")
         if checkpoint_path is not None:
-            save()
+            sync_history()
+            save_checkpoint(checkpoint_path, model, optimizer, history=history, lr_schedule=settings.lr_schedule)
     bar.close()
     sync_history()
     return history
+
+
+# --------------------------------------------------------------------------------------------
+# The outputs of a run
+# --------------------------------------------------------------------------------------------
+
+
+def _write_loss_log(history: TrainHistory, path: Path) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["step", "tokens_seen", "lr", "train_loss", "val_loss"])
+        rows = zip(history.eval_steps, history.tokens_seen, history.train_losses, history.val_losses, strict=True)
+        for step, tokens, train, val in rows:
+            lr = f"{history.lrs[step - 1]:.6g}" if step else 0  # the rate of the step that led here
+            writer.writerow([step, tokens, lr, f"{train:.6f}", f"{val:.6f}"])
+
+
+def _plot_losses(history: TrainHistory, path: Path) -> None:
+    import matplotlib  # imported here: only runs that save outputs need it
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history.eval_steps, history.train_losses, marker="o", label="training")
+    ax.plot(history.eval_steps, history.val_losses, marker="o", linestyle="--", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_training_run(out_dir, model: nn.Module, history: TrainHistory, summary: dict | None = None) -> Path:
+    """Write a finished run to ``out_dir``; each file appears whole or not at all.
+
+    ``config.json`` + ``model.safetensors`` (Hugging Face's GPT-2 format), ``loss_log.csv`` (one
+    row per evaluation), ``loss.png`` and, when given, ``summary.json``. Files are written into
+    a staging folder inside ``out_dir`` and renamed into place; a staging folder left by a run
+    killed while writing is removed by the next call.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".run-out.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".run-out.", dir=out_dir))
+    try:
+        save_hf_gpt2(model, staging)
+        _write_loss_log(history, staging / "loss_log.csv")
+        _plot_losses(history, staging / "loss.png")
+        if summary is not None:
+            (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for file in staging.iterdir():
+            os.replace(file, out_dir / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import random
 import secrets
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,14 @@ import torch
 QUICK_ENV_VAR = "LLMS_QUICK"
 _TRUE_SPELLINGS = ("1", "true", "yes", "on")
 _FALSE_SPELLINGS = ("", "0", "false", "no", "off")
+
+
+class CheckpointError(ValueError):
+    """A weights file or training checkpoint cannot be read, or does not fit the model it is loaded into.
+
+    Defined here, below both ``shared.weights`` and ``shared.checkpoint``, so that both raise the
+    same class (one ``except`` catches either) and neither has to import the other.
+    """
 
 
 def is_quick() -> bool:
@@ -190,3 +200,38 @@ def write_json(path: str | os.PathLike, data, indent: int = 2) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def check_writable(folder: str | os.PathLike, what: str = "folder") -> Path:
+    """Create ``folder`` and check that a file can be written in it; return it as a Path.
+
+    Scripts call this before hours of work, not after. Raises OSError naming the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to the {what} {folder}: {error}. Choose a writable folder.") from error
+    return folder
+
+
+def add_output_args(parser: argparse.ArgumentParser, name: str, committed: Path | None = None) -> None:
+    """Add ``--out-dir`` (default: a new folder ``runs/<name>-<date>-<time>``) to a script's parser,
+    and ``--refresh-committed`` when the script has committed results in ``committed``.
+
+    A script never writes over committed results unless asked; :func:`output_dir` resolves the choice.
+    """
+    parser.add_argument("--out-dir", type=Path, help=f"where the results go (default: runs/{name}-<date>-<time>)")
+    if committed is not None:
+        parser.add_argument("--refresh-committed", action="store_true", help=f"replace the committed files in {committed}")
+
+
+def output_dir(parser: argparse.ArgumentParser, args, name: str, committed: Path | None = None) -> Path:
+    """The folder chosen by :func:`add_output_args`'s flags (not created)."""
+    if getattr(args, "refresh_committed", False):
+        if args.out_dir is not None:
+            parser.error("--refresh-committed writes the committed files; leave out --out-dir.")
+        return committed
+    return args.out_dir or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")

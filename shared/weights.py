@@ -33,7 +33,7 @@ from shared.data import data_dir
 from shared.download import DownloadError, download, host_url
 from shared.model import GPTConfig, GPTModel, build_on_meta, check_config, set_dropout
 from shared.tokenizer import GPT2_EOT_ID, GPT2_VOCAB_SIZE
-from shared.utils import atomic_path, set_seed
+from shared.utils import CheckpointError, atomic_path, set_seed  # CheckpointError: re-exported
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -74,13 +74,6 @@ _CONV1D = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 # Non-learned buffers some published checkpoints carry.
 _BUFFERS = {"attn.bias", "attn.masked_bias"}
 _ACTIVATIONS = {"gelu_new", "gelu_pytorch_tanh"}  # both are the tanh approximation of GELU
-
-
-class CheckpointError(ValueError):
-    """A weights file or training checkpoint cannot be read, or does not fit the model it is loaded into.
-
-    One class for both (``shared.checkpoint`` raises it too), so one ``except`` catches either.
-    """
 
 
 class ShapeMismatchError(CheckpointError):

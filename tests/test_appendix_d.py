@@ -4,13 +4,19 @@ the step it says, where the book's original ``>`` clipped one step late.
 The book's appendix D code (``llms_from_scratch.appendix_d.train_model``) is the oracle here.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_gpt import TINY_TRAINING as TINY
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.model import GPTModel
-from shared.train import WarmupCosine, lr_at, train_model
+from shared.train import TrainSettings, WarmupCosine, lr_at, train_model
 
 appendix_d = pytest.importorskip("llms_from_scratch.appendix_d")
 
@@ -65,7 +71,7 @@ def _our_run(clip_from_step: int):
                             initial_lr=INITIAL_LR, min_lr=MIN_LR)
     return train_model(
         model, train, val, optimizer, "cpu", NUM_EPOCHS, eval_freq=1, eval_iter=1,
-        lr_schedule=schedule, grad_clip=1.0, clip_from_step=clip_from_step, progress=False,
+        settings=TrainSettings(lr_schedule=schedule, grad_clip=1.0, clip_from_step=clip_from_step), progress=False,
     )
 
 
@@ -116,3 +122,17 @@ def test_global_norm_by_hand_equals_what_clip_grad_norm_returns_and_clipping_kee
     assert after.norm().item() == pytest.approx(1.0, rel=1e-5)
     assert after.abs().max().item() == pytest.approx(before.abs().max().item() / by_hand.item(), rel=1e-5)
     assert torch.nn.functional.cosine_similarity(before, after, dim=0).item() == pytest.approx(1.0)
+
+
+def test_book_scale_script_writes_both_runs_into_a_run_folder(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "appendix_D" / "book_scale.py"), "--quick", "--epochs", "1", "--device", "cpu"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, refined = (json.loads(next(tmp_path.glob(f"runs/book-scale-*/book_scale_{n}.json")).read_text())
+                      for n in ("plain", "refined"))  # fmt: skip
+    assert plain["run"] == "plain" and refined["run"] == "refined"
+    assert plain["clipped_steps"] == [] and len(plain["grad_norms"]) == plain["total_steps"]
+    assert refined["clipped_steps"] == list(range(refined["warmup_steps"], refined["total_steps"]))

@@ -15,11 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Scripts that take --out-dir (a folder; the report is <folder>/<name>.json) instead of --out FILE.
+OUT_DIR_SCRIPTS = {"pretrain", "train", "profile_step"}
+
+
+def _out_flags(name: str, tmp_path: Path) -> list[str]:
+    return ["--out-dir", str(tmp_path)] if name in OUT_DIR_SCRIPTS else ["--out", str(tmp_path / f"{name}.json")]
+
+
 def run_benchmark(name: str, tmp_path: Path, timeout: float = 180) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *_out_flags(name, tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -5,9 +5,19 @@ import torch
 from tiny_gpt import TINY_TRAINING
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.checkpoint import CheckpointError, load_checkpoint, resume, save_checkpoint, step_checkpoints
+from shared.checkpoint import (
+    CheckpointError,
+    TrainHistory,
+    load_checkpoint,
+    newest_checkpoint,
+    prepare_checkpoint_folder,
+    resume,
+    save_checkpoint,
+    save_step_checkpoint,
+    step_checkpoints,
+)
 from shared.model import GPTModel
-from shared.train import WarmupCosine, make_optimizer, train_model
+from shared.train import TrainSettings, WarmupCosine, make_optimizer, train_model
 
 # Dropout on (resuming must also restore the random state), and qkv biases for one more tensor kind.
 TINY = {**TINY_TRAINING, "qkv_bias": True}
@@ -39,8 +49,7 @@ def _train(model, optimizer, schedule, loader, num_epochs, **kwargs):
         num_epochs=num_epochs,
         eval_freq=2,
         eval_iter=1,
-        lr_schedule=schedule,
-        grad_clip=1.0,
+        settings=TrainSettings(lr_schedule=schedule, grad_clip=1.0),
         progress=False,
         **kwargs,
     )
@@ -55,47 +64,26 @@ def uninterrupted():
     return model, history
 
 
-@pytest.mark.parametrize("stop_after_steps", [5, 7])  # an epoch boundary, and mid-epoch
-def test_resume_gives_bitwise_the_same_weights_and_losses(tmp_path, uninterrupted, stop_after_steps):
+@pytest.mark.parametrize("stop_after_epochs", [1, 2])
+def test_resume_gives_bitwise_the_same_weights_and_losses(tmp_path, uninterrupted, stop_after_epochs):
     reference_model, reference = uninterrupted
     path = tmp_path / "ckpt.pt"
 
-    # The first run saves a checkpoint every step; keep the one after `stop_after_steps` steps.
+    # The first run stops after `stop_after_epochs` epochs; train_model saved a checkpoint after each.
     model, optimizer, schedule = _setup()
-    loader = _loader()
     torch.manual_seed(99)
-    saved = {}
-
-    class Stop(Exception):
-        pass
-
-    original_step = optimizer.step
-
-    def step_and_maybe_stop(*args, **kwargs):
-        # The checkpoint for step k is written after step k's evaluation; stop at the next step.
-        if (
-            len(saved) == 0
-            and path.exists()
-            and load_checkpoint(path, restore_rng=False)["history"].global_step == stop_after_steps
-        ):
-            saved["path"] = path
-            raise Stop
-        return original_step(*args, **kwargs)
-
-    optimizer.step = step_and_maybe_stop
-    with pytest.raises(Stop):
-        _train(model, optimizer, schedule, loader, EPOCHS, checkpoint_path=path, checkpoint_every=1)
+    _train(model, optimizer, schedule, _loader(), stop_after_epochs, checkpoint_path=path)
 
     # A fresh process would build everything again, then resume.
     model, optimizer, schedule = _setup()
     torch.manual_seed(12345)  # whatever the state now, the checkpoint's is restored
     history = load_checkpoint(path, model, optimizer, lr_schedule=schedule)["history"]
-    assert history.global_step == stop_after_steps
+    assert history.global_step == stop_after_epochs * BATCHES
     resumed = _train(model, optimizer, schedule, _loader(), EPOCHS, history=history)
 
     assert resumed.train_losses == reference.train_losses
     assert resumed.val_losses == reference.val_losses
-    assert resumed.lrs == reference.lrs
+    assert resumed.lrs == reference.lrs and resumed.grad_norms == reference.grad_norms
     for a, b in zip(model.state_dict().values(), reference_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -188,3 +176,36 @@ def test_step_checkpoints_sorts_by_step_number_and_ignores_other_files(tmp_path)
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in step_checkpoints(tmp_path)] == ["step_00000003.pt", "step_20.pt", "step_100.pt"]
     assert step_checkpoints(tmp_path / "missing") == []
+
+
+def _step_checkpoint(folder, step, run):
+    model, optimizer, _ = _setup()
+    return save_step_checkpoint(folder, 2, model, optimizer, history=TrainHistory(global_step=step), extra={"run": run})
+
+
+def test_step_checkpoints_rotate_and_the_newest_readable_one_is_chosen(tmp_path, capsys):
+    run = {"lr": 1e-3}
+    for step in (10, 20, 30):
+        _step_checkpoint(tmp_path, step, run)
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step_00000020.pt", "step_00000030.pt"]
+    assert newest_checkpoint(tmp_path, run).name == "step_00000030.pt"
+    newest = tmp_path / "step_00000030.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    assert newest_checkpoint(tmp_path, run).name == "step_00000020.pt"
+    assert "falling back to the previous checkpoint" in capsys.readouterr().err
+    assert newest_checkpoint(tmp_path / "empty") is None
+
+
+def test_a_checkpoint_of_another_run_is_refused_with_the_differences(tmp_path):
+    _step_checkpoint(tmp_path, 10, {"lr": 1e-3})
+    with pytest.raises(CheckpointError, match="belongs to a different run.*lr: checkpoint 0.001, now 0.002"):
+        newest_checkpoint(tmp_path, {"lr": 2e-3})
+
+
+def test_prepare_checkpoint_folder_removes_half_written_files_and_refuses_a_file(tmp_path):
+    (tmp_path / ".step_00000040.pt.abc123.part").write_bytes(b"half a checkpoint")
+    prepare_checkpoint_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OSError, match="cannot write to the checkpoint folder"):
+        prepare_checkpoint_folder(tmp_path / "a-file" / "ckpt")

@@ -309,7 +309,7 @@ def test_save_and_load_give_the_same_classifier(tmp_path, tokenizer):
 
 def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer):
     """One epoch of the small random GPT on the balanced split. Seen: about 96% test accuracy."""
-    from shared.train import make_optimizer, train_model
+    from shared.train import TrainSettings, make_optimizer, train_model
 
     torch.manual_seed(123)
     data = {
@@ -330,8 +330,9 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
         num_epochs=1,
         eval_freq=50,
         eval_iter=5,
-        loss_fn=cls.classification_loss,
-        epoch_end=cls.accuracy_callback({"val": val_loader}, "cpu"),
+        settings=TrainSettings(
+            loss_fn=cls.classification_loss, epoch_end=cls.accuracy_callback({"val": val_loader}, "cpu")
+        ),
         progress=False,
     )
     after = cls.calc_accuracy_loader(test_loader, model, "cpu")

@@ -1,6 +1,7 @@
 """shared.corpus: tokenising a corpus once into a memory-mapped file, and sampling windows from it."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ from shared.corpus import (
     CorpusError,
     PreparedCorpus,
     WindowSampler,
+    choose_prepared_dir,
     encode_file,
     fixed_windows,
     prepare_corpus,
+    prepare_for_training,
 )
 from shared.tokenizer import get_gpt2_tokenizer
 
@@ -166,3 +169,21 @@ def test_evaluation_windows_are_fixed_and_inside_the_span():
     assert starts.tolist() == [100, 122, 144, 167, 189]
     with pytest.raises(CorpusError, match="holds no window of 11 tokens"):
         fixed_windows((0, 5), context_length=10, count=2)
+
+
+def test_prepared_dir_is_the_chosen_one_else_beside_the_data_else_in_the_data_folder(tmp_path, monkeypatch):
+    data = tmp_path / "books"
+    data.mkdir()
+    assert choose_prepared_dir(data, tmp_path / "mine") == tmp_path / "mine"
+    assert choose_prepared_dir(data) == tmp_path / "books.tokens"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # the data's folder is read-only
+    fallback = choose_prepared_dir(data)
+    assert fallback.parent.name == "prepared-corpora" and fallback.name.startswith("books.tokens-")
+
+
+def test_prepare_for_training_in_one_process_prepares_then_reuses(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("Every effort moves you forward. " * 200)
+    first = prepare_for_training(tmp_path / "a.txt", tmp_path / "prepared", progress=False)
+    again = prepare_for_training(tmp_path / "a.txt", tmp_path / "prepared", progress=False)
+    assert first.reused is False and again.reused is True and again.num_tokens == first.num_tokens
+    assert "(reused)" in capsys.readouterr().out

@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_initialisation_script_reports_every_scheme_and_seed(tmp_path):
     out = tmp_path / "initialisation.json"
-    env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}  # a tiny model, same code
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--epochs", "1", "--seeds", "1", "2",
-         "--device", "cpu", "--out", str(out)],
+        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--quick", "--epochs", "1", "--seeds", "1", "2",
+         "--device", "cpu", "--out-dir", str(tmp_path)],  # --quick: a tiny model, same code
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,7 +32,20 @@ def test_initialisation_script_reports_every_scheme_and_seed(tmp_path):
 def test_initialisation_script_refuses_zero_epochs(tmp_path):
     env = {**os.environ, "LLMS_QUICK": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--epochs", "0", "--out", str(tmp_path / "x")],
+        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--epochs", "0", "--out-dir", str(tmp_path / "x")],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "--epochs must be at least 1" in result.stderr
+
+
+def test_initialisation_script_writes_a_run_folder_by_default_not_the_committed_file(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    committed = (ROOT / "ch05" / "initialisation.json").read_bytes()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ch05" / "initialisation.py"), "--quick", "--epochs", "1", "--schemes", "gpt2",
+         "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list(tmp_path.glob("runs/initialisation-*/initialisation.json"))
+    assert len(written) == 1 and (ROOT / "ch05" / "initialisation.json").read_bytes() == committed

@@ -12,8 +12,12 @@ import shared
 
 SHARED = Path(shared.__file__).resolve().parent
 # One line per module: - ``shared.<module>`` (chapter): name, name, ...
-MAP_LINE = re.compile(r"^- ``shared\.(\w+)`` \(([\w ]+)\): (.+)$", re.MULTILINE)
-MAP = {module: names for module, _chapter, names in MAP_LINE.findall(shared.__doc__)}
+# A module's line may go on over indented lines; "(from shared.utils)" notes say where a name is defined.
+MAP_LINE = re.compile(r"^- ``shared\.(\w+)`` \(([\w ]+)\): (.+(?:\n  .+)*)", re.MULTILINE)
+MAP = {
+    module: re.sub(r"\s*\([^)]*\)", "", " ".join(names.split()))
+    for module, _chapter, names in MAP_LINE.findall(shared.__doc__)
+}
 MODULES = sorted(path.stem for path in SHARED.glob("*.py") if path.stem != "__init__")
 
 
@@ -74,6 +78,6 @@ def test_every_name_users_import_is_in_the_package_map(path):
     unlisted = sorted(
         f"shared.{module}.{name}"
         for module, name in imported_shared_names(_code(path))
-        if name not in {n.strip() for n in MAP.get(module, "").replace("\n", " ").split(",")}
+        if name not in {n.strip() for n in MAP.get(module, "").split(",")}
     )
     assert not unlisted, f"{path.name} imports {unlisted}: list them in the docstring of shared/__init__.py"

@@ -28,9 +28,10 @@ from shared.weights import load_hf_gpt2, save_hf_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN, GENERATE = ROOT / "ch05" / "pretrain.py", ROOT / "ch05" / "generate.py"
+MEASURED_RUN = ROOT / "benchmarks" / "pretrain.py"  # pretrain.py plus per-process parameter digests
 STEPS, EVERY = 60, 20
 # Dropout on: resuming must also replay the random numbers.
-COMMON = ["--preset", "quick", "--max-steps", STEPS, "--batch-size", 2, "--context-length", 16, "--lr", 1e-3,
+COMMON = ["--quick", "--device", "cpu", "--max-steps", STEPS, "--batch-size", 2, "--context-length", 16, "--lr", 1e-3,
           "--seed", 5, "--dropout", 0.1, "--eval-interval", EVERY, "--eval-batches", 2, "--log-interval", 10,
           "--checkpoint-every", EVERY, "--keep-checkpoints", 3, "--no-progress"]  # fmt: skip
 
@@ -47,11 +48,11 @@ pretrain, generate_script = _load(PRETRAIN, "pretrain"), _load(GENERATE, "genera
 
 def _env():
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, LLMS_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
 
 
 def _args(data, checkpoints, out, *extra):
-    return [*map(str, ["--data", data, *COMMON, "--checkpoint-dir", checkpoints, "--out", out, *extra])]
+    return [*map(str, ["--data", data, *COMMON, "--checkpoint-dir", checkpoints, "--out-dir", out, *extra])]
 
 
 def run_script(args, timeout=240):
@@ -105,7 +106,7 @@ def test_run_writes_model_loss_log_plot_and_keeps_the_last_checkpoints(uninterru
     assert [int(r["step"]) for r in rows] == [20, 40, 60]
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) < 11  # it learns
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 2 * 16 and summary["peak_rss_mb"] > 0
+    assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 2 * 16 and summary["tokens_per_s"] > 0
     assert [p.name for p in step_checkpoints(base / "ckpt")] == [
         "step_00000020.pt", "step_00000040.pt", "step_00000060.pt"
     ]  # fmt: skip
@@ -169,7 +170,6 @@ def test_a_failed_save_never_replaces_a_good_checkpoint(corpus, uninterrupted, t
         raise KeyboardInterrupt("interrupted while saving")
 
     monkeypatch.setattr(shared.checkpoint.torch, "save", crash_while_writing)
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
     with pytest.raises(KeyboardInterrupt):
         pretrain.main([*_args(corpus, checkpoints, tmp_path / "out"), "--resume"])
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000020.pt"]
@@ -216,7 +216,8 @@ def test_unwritable_checkpoint_folder_is_reported_before_training(corpus, tmp_pa
 def test_corpus_smaller_than_one_window_is_refused(tmp_path, capsys):
     (tmp_path / "tiny.txt").write_text("Far too short for any window. " * 3)
     with pytest.raises(SystemExit):
-        pretrain.main(["--data", str(tmp_path / "tiny.txt"), "--context-length", "64", "--max-steps", "1"])
+        pretrain.main(["--data", str(tmp_path / "tiny.txt"), "--quick", "--device", "cpu", "--context-length", "64",
+                       "--max-steps", "1", "--out-dir", str(tmp_path / "out")])  # fmt: skip
     assert "too small for a context length of 64" in capsys.readouterr().err
 
 
@@ -233,16 +234,21 @@ def test_output_loads_in_shared_weights_and_transformers_with_the_same_logits(un
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_init_from_a_local_folder_starts_from_its_weights(corpus, tmp_path, one_thread, monkeypatch):
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
+def test_init_from_a_local_folder_starts_from_its_weights(corpus, tmp_path, one_thread):
     torch.manual_seed(0)
     save_hf_gpt2(GPTModel({**pretrain.PRESETS["quick"], "context_length": 32}), tmp_path / "base")
-    pretrain.main(["--data", str(corpus), "--init-from", str(tmp_path / "base"), "--max-steps", "0",
-                   "--context-length", "16", "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    common = ["--data", str(corpus), "--init-from", str(tmp_path / "base"), "--context-length", "16",
+              "--device", "cpu", "--no-progress"]  # fmt: skip
+    pretrain.main([*common, "--max-steps", "0", "--out-dir", str(tmp_path / "out")])
     assert_same_weights(tmp_path / "out", tmp_path / "base")
-    summary = pretrain.main(["--data", str(corpus), "--init-from", str(tmp_path / "base"), "--max-steps", "3",
-                             "--warmup-steps", "1", "--context-length", "16", "--no-progress"])  # fmt: skip
-    assert summary["steps"] == 3
+    model, summary = pretrain.main([*common, "--max-steps", "3", "--warmup-steps", "1", "--out-dir", str(tmp_path / "3")])
+    assert summary["steps"] == 3 and model.cfg["context_length"] == 32
+
+
+def test_the_default_output_is_a_new_run_folder_and_quick_is_the_tiny_preset():
+    args = pretrain.parse_args(["--data", "corpus", "--quick"])
+    assert args.out_dir.parent == Path("runs") and args.out_dir.name.startswith("pretrain-")
+    assert args.preset == "quick" and pretrain.parse_args(["--data", "corpus"]).preset == "gpt2-small"
 
 
 # --- data-parallel training with torchrun -----------------------------------------------------
@@ -253,15 +259,17 @@ def test_torchrun_two_processes_identical_weights_and_resume(corpus, tmp_path):
         args = _args(corpus, checkpoints, out, *extra)
         args[args.index("--max-steps") + 1] = "30"
         args[args.index("--checkpoint-every") + 1] = "10"
-        result = distributed.launch_torchrun(PRETRAIN, args, nproc_per_node=2, timeout=300, cwd=ROOT, env=_env())
+        result = distributed.launch_torchrun(
+            MEASURED_RUN, ["--measure-run", *args], nproc_per_node=2, timeout=300, cwd=ROOT, env=_env()
+        )
         assert result.returncode == 0, result.stdout
         return result.stdout
 
     output = launch(tmp_path / "ckpt", tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens_seen"] == 30 * 2 * 2 * 16
-    first, second = summary["rank_parameter_sha256"]
-    assert first == second  # both copies of the model are bit-identical
+    first, second = (json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert first["parameter_sha256"] == second["parameter_sha256"]  # both copies of the model are bit-identical
     assert output.count("step     30: train loss") == 1  # rank 0 alone logs
 
     # Resume from step 10 under DDP: the same final weights as the uninterrupted DDP run.
@@ -276,34 +284,41 @@ def test_torchrun_two_processes_identical_weights_and_resume(corpus, tmp_path):
 # --- generation --------------------------------------------------------------------------------
 
 
-def test_generate_loads_the_output_folder_and_a_checkpoint_alike(uninterrupted, capsys, monkeypatch):
+def test_generate_loads_the_output_folder_and_a_checkpoint_alike(uninterrupted, capsys):
     base = uninterrupted[0]
     from_folder = generate_script.load_model(base / "out")
     from_checkpoint = generate_script.load_model(base / "ckpt")  # the newest step_<N>.pt
     ids = torch.tensor([[40, 1807, 3619]])
     with torch.no_grad():
         torch.testing.assert_close(from_folder(ids), from_checkpoint(ids))
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
-    texts = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5"])
+    model = ["--model", str(base / "out"), "--device", "cpu", "--prompt", "I had", "--max-new-tokens", "5"]
+    texts = generate_script.main(model)
     assert len(texts) == 1 and capsys.readouterr().out.startswith("I had")
-    sampled = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5",
-                                    "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"])  # fmt: skip
-    again = generate_script.main(["--model", str(base / "out"), "--prompt", "I had", "--max-new-tokens", "5",
-                                  "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"])  # fmt: skip
+    sampling = ["--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    sampled, again = generate_script.main([*model, *sampling]), generate_script.main([*model, *sampling])
     assert sampled == again
 
 
 def test_generate_interactive_answers_each_line(uninterrupted, capsys, monkeypatch):
     import io
 
-    monkeypatch.setenv("LLMS_DEVICE", "cpu")
     monkeypatch.setattr(sys, "stdin", io.StringIO("I had\n\nThe picture\n"))
-    texts = generate_script.main(["--model", str(uninterrupted[0] / "out"), "--interactive", "--beams", "2",
-                                  "--max-new-tokens", "4"])  # fmt: skip
+    texts = generate_script.main(["--model", str(uninterrupted[0] / "out"), "--device", "cpu", "--interactive",
+                                  "--beams", "2", "--max-new-tokens", "4"])  # fmt: skip
     assert len(texts) == 2
     out = capsys.readouterr().out
     # Each answer is printed as the prompt followed by its continuation; the empty line is skipped.
     assert "I had" + texts[0] in out and "The picture" + texts[1] in out
+
+
+def test_generate_writes_its_texts_to_out_dir_and_exits_non_zero_after_an_error(uninterrupted, tmp_path, capsys):
+    out = str(uninterrupted[0] / "out")
+    texts = generate_script.main(["--model", out, "--device", "cpu", "--quick", "--out-dir", str(tmp_path)])
+    record = json.loads((tmp_path / "generations.jsonl").read_text())
+    assert record == {"prompt": "Every effort moves you", "text": texts[0]}
+    with pytest.raises(SystemExit) as exit_info:
+        generate_script.main(["--model", out, "--device", "cpu", "--prompt", ""])
+    assert exit_info.value.code == 1 and "the prompt is empty" in capsys.readouterr().err
 
 
 def test_generate_reports_a_missing_model_clearly(tmp_path, capsys):

@@ -13,6 +13,7 @@ from shared.dataloader import train_val_loaders
 from shared.model import GPTModel
 from shared.train import (
     EmptyLoaderError,
+    TrainSettings,
     WarmupCosine,
     autocast,
     calc_loss_batch,
@@ -35,12 +36,13 @@ def _model(seed=0, **overrides):
     return GPTModel({**TINY, **overrides})
 
 
-def _fit(model, optimizer, num_epochs, eval_freq, loader=None, **options):
+def _fit(model, optimizer, num_epochs, eval_freq, loader=None, **settings):
     """``train_model`` on tiny random data (one loader for training and validation), quietly."""
     loader = loader if loader is not None else _random_loader()
     return train_model(
-        model, loader, loader, optimizer, "cpu", num_epochs, eval_freq, eval_iter=1, progress=False, **options
-    )
+        model, loader, loader, optimizer, "cpu", num_epochs, eval_freq, eval_iter=1, progress=False,
+        settings=TrainSettings(**settings),
+    )  # fmt: skip
 
 
 def test_calc_loss_batch_is_cross_entropy_over_every_position():
@@ -250,7 +252,7 @@ def test_bfloat16_autocast_trains_close_to_float32_with_float32_weights():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         histories.append(
             train_model(model, _random_loader(), _random_loader(seed=1), optimizer, "cpu", 2, 2, 2,
-                        progress=False, autocast_dtype=dtype)  # fmt: skip
+                        progress=False, settings=TrainSettings(autocast_dtype=dtype))  # fmt: skip
         )
         models.append(model)
     float32, bfloat16 = histories
@@ -284,3 +286,26 @@ def test_calc_loss_loader_takes_the_public_keyword_names():
     with torch.no_grad():
         by_keyword = calc_loss_loader(loader=loader, model=model, device="cpu", num_batches=2)
         assert by_keyword == calc_loss_loader(loader, model, "cpu", 2)
+
+
+def test_device_none_means_where_the_model_is_and_never_moves_it():
+    model = _model(drop_rate=0.0).eval()
+    loader = _random_loader(shuffle=False)
+    with torch.no_grad():
+        x, y = next(iter(loader))
+        assert torch.equal(calc_loss_batch(x, y, model), calc_loss_batch(x, y, model, "cpu"))
+        assert calc_loss_loader(loader, model, num_batches=2) == calc_loss_loader(loader, model, "cpu", 2)
+    history = train_model(model, loader, loader, make_optimizer(model, 1e-3, 0.1), None, 1, 2, 1, progress=False)
+    assert history.global_step == 6 and next(model.parameters()).device.type == "cpu"
+
+
+def test_an_epochs_leftover_batches_make_one_shorter_step():
+    model = _model(seed=5, drop_rate=0.0)
+    history = _fit(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, 100, grad_accum_steps=4)
+    assert history.global_step == 2 * 2  # 6 batches per epoch: a step of 4, then one of 2
+
+
+@pytest.mark.parametrize("bad", [{"grad_accum_steps": 0}, {"grad_clip": 0.0}, {"grad_clip": -1.0}])
+def test_train_settings_refuse_impossible_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainSettings(**bad)
