@@ -78,7 +78,9 @@ def load_responses(path: Path, key: str) -> list[dict]:
     except DataValidationError as error:
         raise SystemExit(str(error)) from error
     if not entries:
-        raise SystemExit(f"{path} holds no entries (an empty list): pass the responses file of a finetuning run.")
+        raise SystemExit(
+            f"{path} holds no entries (an empty list): pass the responses file of a finetuning run."
+        )
     missing = [i for i, entry in enumerate(entries) if not isinstance(entry.get(key), str)]
     if missing:
         raise SystemExit(f"{path}: entries {missing[:5]} have no text under {key!r} (see --response-key).")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -161,8 +162,39 @@ def collate_fn(
        then be :class:`TokenizedExample`\\ s (as :class:`InstructionDataset` gives), which carry
        the prompt length.
 
+    With masking and a ``context_length`` shorter than a prompt, a row can keep no target at
+    all: that row teaches nothing, and a warning says so; when no row of the batch keeps one,
+    its loss would be NaN, so a ValueError is raised instead.
+
     The tensors are built on the CPU and moved to ``device`` when one is given.
     """
+    inputs, targets = _collate_rows(batch, pad_token_id, ignore_index, context_length, mask_instructions)
+    if mask_instructions:
+        _check_targets_left(targets, ignore_index, context_length)
+    if device is None:
+        return inputs, targets
+    return inputs.to(device), targets.to(device)
+
+
+def _check_targets_left(targets: torch.Tensor, ignore_index: int, context_length: int | None) -> None:
+    """Warn about rows whose every target is ignored; refuse a batch where all are (a NaN loss)."""
+    empty_rows = int((targets == ignore_index).all(dim=1).sum())
+    if empty_rows == 0:
+        return
+    cause = (
+        f"the prompts are longer than context_length={context_length}, so with mask_instructions=True "
+        "no response token is left to learn"
+    )
+    if empty_rows == len(targets):
+        raise ValueError(
+            f"every target of the batch is ignored: {cause} (the loss would be NaN). Raise context_length "
+            "or drop the longest examples."
+        )
+    warnings.warn(f"{empty_rows} of {len(targets)} rows keep no target: {cause}.", stacklevel=3)
+
+
+def _collate_rows(batch, pad_token_id, ignore_index, context_length, mask_instructions):
+    """:func:`collate_fn`'s (inputs, targets) on the CPU, without the check for rows left empty."""
     if len(batch) == 0:
         raise ValueError("collate_fn got an empty batch; check the dataset and batch_size.")
     if context_length is not None and context_length < 1:
@@ -197,9 +229,7 @@ def collate_fn(
             targets[row, : max(prompt_length - 1, 0)] = ignore_index
     if context_length is not None:
         inputs, targets = inputs[:, :context_length], targets[:, :context_length]
-    if device is None:
-        return inputs, targets
-    return inputs.to(device), targets.to(device)
+    return inputs, targets
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,7 +438,8 @@ def response_perplexity(
 
     Only response tokens count (the prompt is masked as in ``collate_fn(mask_instructions=True)``);
     the mean is over tokens, not batches. Lower is better; a model that puts probability 1 on
-    every reference token scores 1.
+    every reference token scores 1. Responses cut off by the model's context count only with the
+    tokens that fit; when no response token fits at all, a ValueError says so (no number would mean anything).
     """
     if len(dataset) == 0:
         raise ValueError("response_perplexity got an empty dataset.")
@@ -417,15 +448,19 @@ def response_perplexity(
     with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs, targets = collate_fn(
-                items, context_length=model.context_length, device=device, mask_instructions=True
-            )
+            inputs, targets = _collate_rows(items, END_OF_TEXT_ID, IGNORE_INDEX, model.context_length, True)
+            inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs)
             loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             total_loss += loss.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
+    if total_tokens == 0:
+        raise ValueError(
+            f"no response token fits in the model's context of {model.context_length} tokens: every prompt "
+            "fills it. Use shorter prompts or a model with a longer context."
+        )
     return math.exp(total_loss / total_tokens)
 
 
