@@ -3,6 +3,8 @@
 import pandas as pd
 import pytest
 import torch
+from scripts import load_script
+from writes import deny_writes_under
 
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel, build_on_meta
@@ -378,3 +380,65 @@ def test_load_gpt2_or_standin_uses_gpt2_weights_when_present_and_falls_back_offl
     assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
+
+
+# --- bad input to the scripts and the files ---------------------------------------------
+
+
+def test_finetune_script_refuses_a_context_length_below_one_and_an_unknown_trainable_blocks(capsys):
+    script = load_script("ch06", "finetune_classifier")
+    for argv, message in [
+        (["--context-length", "0"], "--context-length must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--trainable-blocks", "banana"], "'banana' is neither 'all' nor a number of blocks (0, 1, 2, ...)"),
+        (["--trainable-blocks", "-1"], "neither 'all' nor a number of blocks"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            script.parse_args(argv)
+        assert caught.value.code == 2 and message in capsys.readouterr().err
+    assert script.parse_args(["--trainable-blocks", "all"]).trainable_blocks == "all"
+    assert script.parse_args(["--trainable-blocks", "2"]).trainable_blocks == 2
+
+
+def test_saving_a_classifier_under_a_file_names_the_file(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken'} is a file"):
+        cls.save_classifier(tiny_classifier(), tmp_path / "taken" / "clf")
+
+
+def test_saving_a_classifier_into_a_read_only_folder_says_so(tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    deny_writes_under(monkeypatch, folder)
+    with pytest.raises(PermissionError, match=f"no permission to write in {folder}; choose a folder"):
+        cls.save_classifier(tiny_classifier(), folder)
+
+
+def test_loading_a_classifier_with_an_empty_config_names_the_file_and_the_missing_keys(tmp_path):
+    cls.save_classifier(tiny_classifier(), tmp_path)
+    (tmp_path / "classifier.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"classifier.json lacks .*gpt_config.*save_classifier"):
+        cls.load_classifier(tmp_path)
+    (tmp_path / "classifier.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"classifier.json is not valid JSON"):
+        cls.load_classifier(tmp_path)
+
+
+def test_loading_a_truncated_classifier_names_the_weights_file(tmp_path):
+    cls.save_classifier(tiny_classifier(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights} cannot be read .*save the classifier again"):
+        cls.load_classifier(tmp_path)
+
+
+def test_reading_an_empty_split_names_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(ValueError, match="train.csv is empty.*prepare_spam_splits"):
+        cls.read_split(tmp_path / "train.csv")
+
+
+def test_spam_splits_in_a_read_only_data_folder_say_how_to_fix_it(tmp_path, monkeypatch):
+    deny_writes_under(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError, match="LLMS_DATA_DIR"):
+        cls.prepare_spam_splits(tmp_path / "splits")
