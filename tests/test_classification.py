@@ -442,3 +442,66 @@ def test_spam_splits_in_a_read_only_data_folder_say_how_to_fix_it(tmp_path, monk
     deny_writes_under(monkeypatch, tmp_path)
     with pytest.raises(PermissionError, match="LLMS_DATA_DIR"):
         cls.prepare_spam_splits(tmp_path / "splits")
+
+
+# --- ch06/experiments.py: which variants, and where the table goes -----------------------
+
+
+@pytest.fixture
+def experiments(monkeypatch, tmp_path):
+    """The experiments script with a fake finetune (instant) and its folders in tmp_path."""
+    from scripts import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "ch06"))
+    module = load_script("ch06", "experiments")
+    settings = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "batch_size": 8, "seed": 123}
+    report = {
+        "accuracy": {"train": 1.0, "validation": 0.9, "test": 0.8},
+        "trainable_parameters": 10,
+        "train_seconds": 0.1,
+        "model": "fake",
+        "device": "cpu",
+        "settings": settings,
+    }
+    monkeypatch.setattr(module, "finetune", lambda args: (None, report))
+    monkeypatch.setattr(module, "HERE", tmp_path)  # runs/ and results/ go here
+    return module
+
+
+def committed_table(results):
+    results.mkdir()
+    (results / "experiments-quick.md").write_text("the committed 12-variant table")
+    return results / "experiments-quick.md"
+
+
+def test_experiments_refuse_unknown_names_and_an_empty_only_list(experiments, capsys):
+    for argv, message in [
+        (["--only", "baseline "], "unknown variant 'baseline '; the variants are: baseline, first token"),
+        (["--only"], "expected at least one argument"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            experiments.main(["--quick", *argv])
+        assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_partial_experiment_run_goes_to_a_run_folder_not_over_the_committed_table(experiments, tmp_path):
+    table = committed_table(tmp_path / "results")
+    rows = experiments.main(["--quick", "--only", "head only"])
+    assert [row["variant"] for row in rows] == ["head only"]
+    assert table.read_text() == "the committed 12-variant table"
+    (run,) = (tmp_path / "runs" / "experiments").iterdir()
+    assert (run / "experiments-quick-partial.md").is_file()  # named so: not the whole table
+
+
+def test_refreshing_the_committed_table_needs_its_flag_and_every_variant(experiments, tmp_path, capsys):
+    table = committed_table(tmp_path / "results")
+    for argv, message in [
+        (["--out-dir", str(tmp_path / "results")], "pass --refresh-results"),
+        (["--refresh-results", "--only", "head only"], "--refresh-results runs every variant"),
+    ]:
+        with pytest.raises(SystemExit):
+            experiments.main(["--quick", *argv])
+        assert message in capsys.readouterr().err
+    assert table.read_text() == "the committed 12-variant table"
+    rows = experiments.main(["--quick", "--refresh-results"])
+    assert len(rows) == 12 and "| head only |" in table.read_text()
