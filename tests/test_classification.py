@@ -505,3 +505,24 @@ def test_refreshing_the_committed_table_needs_its_flag_and_every_variant(experim
     assert table.read_text() == "the committed 12-variant table"
     rows = experiments.main(["--quick", "--refresh-results"])
     assert len(rows) == 12 and "| head only |" in table.read_text()
+
+
+def test_finetune_script_with_an_out_dir_under_a_file_exits_1_with_one_line_before_training(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from scripts import REPO_ROOT
+
+    (tmp_path / "taken").write_text("a file")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, str(REPO_ROOT / "ch06" / "finetune_classifier.py"), "--quick"]
+    done = subprocess.run(
+        [*command, "--out-dir", str(tmp_path / "taken" / "run")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"error: cannot use the folder {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file, "
+        "not a folder; choose another path or move that file away."
+    )
+    assert "model:" not in done.stdout  # refused before the model was even built
