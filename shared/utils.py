@@ -188,6 +188,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def _is_disk_full(error: Exception) -> bool:
+    """ENOSPC, also as libraries written in Rust (safetensors) report it: in their message."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(error)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Write ``target`` all at once or not at all.
@@ -208,8 +215,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
+    except Exception as error:
+        if not _is_disk_full(error):
             raise
         raise OSError(
             errno.ENOSPC,

@@ -526,3 +526,17 @@ def test_finetune_script_with_an_out_dir_under_a_file_exits_1_with_one_line_befo
         "not a folder; choose another path or move that file away."
     )
     assert "model:" not in done.stdout  # refused before the model was even built
+
+
+def test_saving_a_classifier_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when a write hits ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cls, "save_file", full_disk)
+    with pytest.raises(
+        OSError, match=f"the disk holding {tmp_path} is full: model.safetensors was not written"
+    ):
+        cls.save_classifier(tiny_classifier(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
