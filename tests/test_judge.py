@@ -110,6 +110,18 @@ class FakeJudgeHandler(BaseHTTPRequestHandler):
                 self._send(200, "{}")
             except OSError:  # the client has hung up already
                 pass
+        elif mode == "trickle":  # a valid reply, one byte every 50 ms: about 4 s in all
+            data = json.dumps({"message": {"role": "assistant", "content": reply}, "done": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client has hung up already
+                pass
         elif self.path == "/api/chat" and mode == "stream":
             pieces = [reply[: len(reply) // 2], reply[len(reply) // 2 :]]
             lines = [
@@ -199,6 +211,14 @@ def test_a_server_that_accepts_and_never_answers_is_asked_once(judge_server):
     with pytest.raises(JudgeError, match="did not answer within 0.2 s.*--timeout"):
         judge.ask("x")
     assert len(judge_server.requests) == 1
+
+
+def test_a_reply_that_trickles_in_past_the_deadline_is_given_up_on(judge_server):
+    # Each byte comes well within the socket timeout, but the whole reply takes far longer.
+    judge_server.mode = "trickle"
+    judge = make_judge(url_of(judge_server), timeout=0.3, attempts=1)
+    with pytest.raises(JudgeError, match="did not answer within 0.3 s"):
+        judge.ask("x")
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
