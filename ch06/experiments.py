@@ -8,17 +8,20 @@ mask, two outputs with softmax; one trainable block for pretrained GPT-2, all la
 random small model) and runs ``finetune_classifier.finetune`` with the same seed. The table
 (markdown and JSON: train/validation/test accuracy, trainable parameters, wall time, seed,
 settings) goes to a new folder ``ch06/runs/experiments/<date>-<time>/`` unless ``--out-dir``
-names one; ``--out-dir ch06/results`` refreshes the table kept in the repository.
+names one. Only ``--refresh-results`` replaces the table kept in the repository (``ch06/results``),
+and only with every variant: a run of some variants (``--only``) writes ``...-partial.md/.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from pathlib import Path
 
 import torch
-from finetune_classifier import finetune, parse_args
+from finetune_classifier import finetune
+from finetune_classifier import parse_args as parse_args_of_finetune
 
 from shared.utils import atomic_path, is_quick, run_dir, write_json
 
@@ -44,34 +47,39 @@ VARIANTS = {
 }
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small random GPT (also LLMS_QUICK=1)")
     parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument(
-        "--only", nargs="*", default=None, help="run only these variants (names as in the table)"
-    )
+    parser.add_argument("--only", nargs="+", help="run only these variants (names as in the table)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="default: a new folder in ch06/runs/experiments/"
     )
+    parser.add_argument(
+        "--refresh-results",
+        action="store_true",
+        help="run every variant and replace the table in ch06/results",
+    )
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only or ()) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; the variants are {list(VARIANTS)}")
-    quick = args.quick or is_quick()
-    out_dir = run_dir(args.out_dir, HERE / "runs" / "experiments")
-    shared_flags = ["--seed", str(args.seed), "--no-save", *(["--quick"] if quick else [])]
-    if args.device:
-        shared_flags += ["--device", args.device]
+    for name in args.only or ():
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}; the variants are: {', '.join(VARIANTS)}")
+    results = (HERE / "results").resolve()
+    if args.refresh_results and (args.only or args.out_dir):
+        parser.error("--refresh-results runs every variant into ch06/results: leave out --only and --out-dir")
+    if args.out_dir is not None and args.out_dir.resolve() == results:
+        parser.error(f"{args.out_dir} holds the committed table; pass --refresh-results to replace it")
+    return args
 
+
+def run_variants(names: list[str], shared_flags: list[str]) -> list[dict]:
+    """Finetune each named variant; one table row each."""
     rows = []
-    for name, (meaning, flags) in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
+    for name in names:
+        meaning, flags = VARIANTS[name]
         print(f"\n=== {name}: {meaning}")
-        run_args = parse_args([*flags, *shared_flags])
-        _, report = finetune(run_args)
+        _, report = finetune(parse_args_of_finetune([*flags, *shared_flags]))
         rows.append(
             {
                 "variant": name,
@@ -86,7 +94,30 @@ def main(argv=None) -> list[dict]:
                 "settings": report["settings"],
             }
         )
+    return rows
 
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    quick = args.quick or is_quick()
+    if args.refresh_results:
+        out_dir = run_dir(HERE / "results", HERE / "runs" / "experiments")
+    else:
+        out_dir = run_dir(args.out_dir, HERE / "runs" / "experiments")
+    shared_flags = ["--seed", str(args.seed), "--no-save", *(["--quick"] if quick else [])]
+    if args.device:
+        shared_flags += ["--device", args.device]
+    names = [name for name in VARIANTS if not args.only or name in args.only]
+    rows = run_variants(names, shared_flags)
+    stem = ("experiments-quick" if quick else "experiments") + (
+        "" if len(rows) == len(VARIANTS) else "-partial"
+    )
+    write_table(rows, out_dir, stem, quick)
+    return rows
+
+
+def write_table(rows: list[dict], out_dir: Path, stem: str, quick: bool) -> None:
+    """The markdown table (printed too) and the JSON of every row, as ``<stem>.md`` and ``.json``."""
     first = rows[0]
     settings = first["settings"]
     lines = [
@@ -106,14 +137,15 @@ def main(argv=None) -> list[dict]:
     table = "\n".join(lines) + "\n"
     print("\n" + table)
 
-    stem = "experiments-quick" if quick else "experiments"
     payload = {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     write_json(out_dir / f"{stem}.json", payload)
     with atomic_path(out_dir / f"{stem}.md") as tmp:
         tmp.write_text(table)
     print(f"wrote {out_dir / stem}.md and .json")
-    return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as error:  # bad folders or data: the message says what to do
+        sys.exit(f"error: {error}")

@@ -15,6 +15,7 @@ initialised GPT, trained on all layers, stands in, and the report says so.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,15 @@ HERE = Path(__file__).resolve().parent
 PADDINGS = ("dynamic", "longest", "context")
 
 
+def blocks(text: str) -> int | str:
+    """An argparse type for --trainable-blocks: 'all' or a whole number of blocks >= 0."""
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor a number of blocks (0, 1, 2, ...)")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -40,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trainable-blocks",
+        type=blocks,
         default=None,
         help="how many of the last transformer blocks train: an int, or 'all' for every layer "
         "(default: 1 for pretrained weights, 'all' for a random model)",
@@ -80,7 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-save", action="store_true", help="do not save the model")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "context_length", "eval_freq", "eval_iter"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def spam_loaders(args: argparse.Namespace, model_context_length: int) -> tuple[dict, int]:
@@ -90,7 +105,9 @@ def spam_loaders(args: argparse.Namespace, model_context_length: int) -> tuple[d
     """
     tokenizer = get_gpt2_tokenizer()
     paths = cls.prepare_spam_splits()
-    context_length = min(args.context_length or model_context_length, model_context_length)
+    context_length = min(
+        args.context_length or model_context_length, model_context_length
+    )  # None: the model's
     train_set = cls.SpamDataset(paths["train"], tokenizer, context_length=context_length)
     if args.padding == "longest":  # the book: pad to (and truncate at) the longest training message
         context_length = train_set.longest
@@ -121,8 +138,9 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         args.model_size if args.model_size != "small-random" else "gpt2-small", pretrained=want_pretrained
     )
     print(f"model: {description}")
-    trainable_blocks = args.trainable_blocks or (1 if pretrained else "all")
-    trainable_blocks = trainable_blocks if trainable_blocks == "all" else int(trainable_blocks)
+    trainable_blocks = args.trainable_blocks
+    if trainable_blocks is None:
+        trainable_blocks = 1 if pretrained else "all"
     lr = args.lr if args.lr is not None else (5e-5 if pretrained else 1e-3)
     epochs = args.epochs if args.epochs is not None else (2 if quick else 5)
 
@@ -214,4 +232,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as error:  # bad files, folders or data: the message says what to do
+        sys.exit(f"error: {error}")

@@ -13,13 +13,16 @@ Examples::
     python ch07/evaluate_responses.py responses.json --judge-url http://localhost:8080/v1 --judge-model qwen2.5
 
 With ``--judge-url`` and no server there, the offline metrics are still reported, with a note on
-how to start a judge server; the exit code is then 2 (1 for any other error).
+how to start a judge server; the exit code is then 2, as it is when the judge failed to answer
+some requests (those entries stay unscored; after three failures in a row, or once
+``--judge-deadline`` has passed, the rest are not sent). Any other error exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,6 +30,17 @@ from shared.data import DataValidationError, validate_instruction_entries
 from shared.instruction import PROMPT_STYLES, exact_match, rouge_l
 from shared.judge import DEFAULT_JUDGE_MODEL, make_judge, score_responses
 from shared.utils import write_json
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds (e.g. 60)")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--judge-url", help="Ollama (http://localhost:11434) or OpenAI-compatible (.../v1) server"
     )
     parser.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds per judge request")
+    parser.add_argument(
+        "--judge-deadline", type=seconds, default=3600.0, help="seconds for all judge requests together"
+    )
     parser.add_argument(
         "--style", default="alpaca", choices=PROMPT_STYLES, help="how the judge sees the task"
     )
@@ -60,6 +77,10 @@ def load_responses(path: Path, key: str) -> list[dict]:
         validate_instruction_entries(entries, source=str(path))
     except DataValidationError as error:
         raise SystemExit(str(error)) from error
+    if not entries:
+        raise SystemExit(
+            f"{path} holds no entries (an empty list): pass the responses file of a finetuning run."
+        )
     missing = [i for i, entry in enumerate(entries) if not isinstance(entry.get(key), str)]
     if missing:
         raise SystemExit(f"{path}: entries {missing[:5]} have no text under {key!r} (see --response-key).")
@@ -71,6 +92,28 @@ def text_histogram(counts: dict[str, int], width: int = 40) -> str:
     return "\n".join(
         f"{label:>9} | {'#' * round(width * n / top):<{width}} {n}" for label, n in counts.items()
     )
+
+
+def judge_report(entries: list[dict], judge, args: argparse.Namespace, per_entry: list[dict]) -> dict:
+    """Score with the judge, print the summary, add each entry's score to ``per_entry``."""
+    scores = score_responses(
+        entries, judge, args.response_key, args.style, progress=True, deadline=args.judge_deadline
+    )
+    print(f"\njudge {judge}: average {scores.average}, unscored {scores.unscored} of {len(entries)}")
+    print(text_histogram(scores.histogram()))
+    if scores.failures:
+        first = next(e for e, r in zip(scores.errors, scores.replies, strict=True) if e and r is None)
+        print(f"error: the judge failed to score {scores.failures} entries, e.g.: {first}")
+    for row, score, reply, error in zip(per_entry, scores.scores, scores.replies, scores.errors, strict=True):
+        row.update(judge_score=score, judge_reply=reply, judge_error=error)
+    return {
+        "url": args.judge_url,
+        "model": args.judge_model,
+        "average": scores.average,
+        "unscored": scores.unscored,
+        "failures": scores.failures,
+        "histogram": scores.histogram(),
+    }
 
 
 def main(argv=None) -> int:
@@ -98,20 +141,8 @@ def main(argv=None) -> int:
             report["judge"] = {"url": args.judge_url, "error": problem.splitlines()[0]}
             status = 2
         else:
-            scores = score_responses(entries, judge, args.response_key, args.style, progress=True)
-            print(f"\njudge {judge}: average {scores.average}, unscored {scores.unscored} of {len(entries)}")
-            print(text_histogram(scores.histogram()))
-            report["judge"] = {
-                "url": args.judge_url,
-                "model": args.judge_model,
-                "average": scores.average,
-                "unscored": scores.unscored,
-                "histogram": scores.histogram(),
-            }
-            for row, score, reply, error in zip(
-                report["per_entry"], scores.scores, scores.replies, scores.errors, strict=True
-            ):
-                row.update(judge_score=score, judge_reply=reply, judge_error=error)
+            report["judge"] = judge_report(entries, judge, args, report["per_entry"])
+            status = 2 if report["judge"]["failures"] else 0
 
     out = (args.out_dir or args.responses.parent) / f"{args.responses.stem}-report.json"
     write_json(out, report)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="gpt2-medium", choices=list(GPT_CONFIGS), help="GPT-2 size to download"
     )
-    parser.add_argument("--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download")
+    parser.add_argument(
+        "--model-dir", type=Path, help="a local GPT-2 checkpoint folder instead of a download"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5 GPT-2, 1e-3 tiny model)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -89,25 +92,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.quick = args.quick or is_quick()
-    for name in ("epochs", "batch_size", "max_new_tokens", "eval_freq", "eval_iter"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "max_new_tokens", "eval_freq", "eval_iter", "context_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def load_splits(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, validation) entries, cut to the quick sizes in quick mode; refuses a batch
+    size larger than the training data (whole batches only: it would train 0 steps)."""
+    train_data, test_data, val_data = split_entries(load_instruction_data())
+    if args.quick:
+        train_data, val_data = train_data[: QUICK_SIZES["train"]], val_data[: QUICK_SIZES["val"]]
+        test_data = test_data[: QUICK_SIZES["test"]]
+        args.max_new_tokens = min(args.max_new_tokens, QUICK_SIZES["max_new_tokens"])
+    if args.batch_size > len(train_data):
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} is larger than the {len(train_data)} training entries, "
+            f"so not one whole batch would train; use --batch-size {len(train_data)} or less."
+        )
+    print(f"train {len(train_data)}, validation {len(val_data)}, test {len(test_data)} entries")
+    return train_data, test_data, val_data
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
     device = get_device(args.device)
+    train_data, test_data, val_data = load_splits(args)
     out_dir = run_dir(args.out_dir, HERE / "runs" / "finetune_instructions")
     tokenizer = get_gpt2_tokenizer()
-
-    train_data, test_data, val_data = split_entries(load_instruction_data())
-    if args.quick:
-        train_data, val_data = train_data[: QUICK_SIZES["train"]], val_data[: QUICK_SIZES["val"]]
-        test_data = test_data[: QUICK_SIZES["test"]]
-        args.max_new_tokens = min(args.max_new_tokens, QUICK_SIZES["max_new_tokens"])
-    print(f"train {len(train_data)}, validation {len(val_data)}, test {len(test_data)} entries")
 
     model, description, pretrained = load_gpt2_or_standin(
         args.model,
@@ -182,4 +196,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as error:  # bad files, folders or data: the message says what to do
+        sys.exit(f"error: {error}")

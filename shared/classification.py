@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.data import data_dir, load_sms_spam
+from shared.data import DATA_DIR_ENV_VAR, data_dir, load_sms_spam
 from shared.model import GPTModel
 from shared.tokenizer import GPT2_EOT_ID, encode_text
 from shared.utils import atomic_path, eval_mode, write_json
@@ -115,8 +116,14 @@ def prepare_spam_splits(folder: str | os.PathLike | None = None, seed: int = 123
     paths = {}
     for name, split in zip(SPLIT_NAMES, random_split(balanced, 0.7, 0.1, seed=seed), strict=True):
         paths[name] = folder / f"{name}.csv"
-        with atomic_path(paths[name]) as tmp:
-            split.to_csv(tmp, index=False)
+        try:
+            with atomic_path(paths[name]) as tmp:
+                split.to_csv(tmp, index=False)
+        except PermissionError as error:
+            raise PermissionError(
+                f"{error} The splits are written into the data folder: set {DATA_DIR_ENV_VAR} to a folder "
+                "you can write to, or pass another folder."
+            ) from None
     return paths
 
 
@@ -124,7 +131,10 @@ def read_split(path: str | os.PathLike):
     """A split CSV as a DataFrame (a message that reads "NA" stays text, not a missing value)."""
     import pandas as pd
 
-    return pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+    try:
+        return pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; write the splits again with prepare_spam_splits().") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,6 +475,34 @@ def save_classifier(model: GPTModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
+_SETTING_KEYS = ("num_classes", "pooling", "causal", "pad_token_id")
+
+
+def _read_classifier_config(path: Path) -> tuple[dict, dict]:
+    """(the whole config, its classification settings) from ``classifier.json``, checked."""
+    fix = "save the classifier again with save_classifier."
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(config, dict) or not {"gpt_config", "classification"} <= set(config):
+        raise ValueError(f"{path} lacks the keys 'gpt_config' and 'classification'; {fix}")
+    settings = config["classification"]
+    missing = [key for key in _SETTING_KEYS if key not in settings]
+    if missing:
+        raise ValueError(f"{path} lacks the classification settings {missing}; {fix}")
+    return config, settings
+
+
+def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=str(device) if device is not None else "cpu")
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} cannot be read as safetensors (truncated or damaged: {error}); save the classifier again."
+        ) from None
+
+
 def load_classifier(folder: str | os.PathLike, device: str | torch.device | None = None) -> GPTModel:
     """The classifier :func:`save_classifier` wrote, in eval mode, with its trainable flags restored.
 
@@ -476,8 +514,7 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device | None
             raise FileNotFoundError(
                 f"{folder / needed} not found: save the classifier with save_classifier first."
             )
-    config = json.loads((folder / CLASSIFIER_CONFIG_FILE).read_text())
-    settings = config["classification"]
+    config, settings = _read_classifier_config(folder / CLASSIFIER_CONFIG_FILE)
     with torch.device("meta"):
         model = GPTModel(config["gpt_config"])
     make_classifier(
@@ -488,7 +525,7 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device | None
         causal=settings["causal"],
         pad_token_id=settings["pad_token_id"],
     )
-    state = load_file(folder / CLASSIFIER_WEIGHTS_FILE, device=str(device) if device is not None else "cpu")
+    state = _read_weights(folder / CLASSIFIER_WEIGHTS_FILE, device)
     expected = set(model.state_dict())
     if set(state) != expected:
         raise ValueError(

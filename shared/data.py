@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.download import download, host_url, safe_extract_zip
+from shared.utils import ensure_folder
 
 DATA_DIR_ENV_VAR = "LLMS_DATA_DIR"
 
@@ -32,8 +33,12 @@ def data_dir() -> Path:
     else:
         cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         path = Path(cache_home) / "llms-from-scratch"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if configured and path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{DATA_DIR_ENV_VAR}={configured} is a file, not a folder; point it at a folder (it is created "
+            "if missing) or unset it to use the cache folder."
+        )
+    return ensure_folder(path)
 
 
 # ---------------------------------------------------------------------------------------

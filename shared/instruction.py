@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -161,8 +162,39 @@ def collate_fn(
        then be :class:`TokenizedExample`\\ s (as :class:`InstructionDataset` gives), which carry
        the prompt length.
 
+    With masking and a ``context_length`` shorter than a prompt, a row can keep no target at
+    all: that row teaches nothing, and a warning says so; when no row of the batch keeps one,
+    its loss would be NaN, so a ValueError is raised instead.
+
     The tensors are built on the CPU and moved to ``device`` when one is given.
     """
+    inputs, targets = _collate_rows(batch, pad_token_id, ignore_index, context_length, mask_instructions)
+    if mask_instructions:
+        _check_targets_left(targets, ignore_index, context_length)
+    if device is None:
+        return inputs, targets
+    return inputs.to(device), targets.to(device)
+
+
+def _check_targets_left(targets: torch.Tensor, ignore_index: int, context_length: int | None) -> None:
+    """Warn about rows whose every target is ignored; refuse a batch where all are (a NaN loss)."""
+    empty_rows = int((targets == ignore_index).all(dim=1).sum())
+    if empty_rows == 0:
+        return
+    cause = (
+        f"the prompts are longer than context_length={context_length}, so with mask_instructions=True "
+        "no response token is left to learn"
+    )
+    if empty_rows == len(targets):
+        raise ValueError(
+            f"every target of the batch is ignored: {cause} (the loss would be NaN). Raise context_length "
+            "or drop the longest examples."
+        )
+    warnings.warn(f"{empty_rows} of {len(targets)} rows keep no target: {cause}.", stacklevel=3)
+
+
+def _collate_rows(batch, pad_token_id, ignore_index, context_length, mask_instructions):
+    """:func:`collate_fn`'s (inputs, targets) on the CPU, without the check for rows left empty."""
     if len(batch) == 0:
         raise ValueError("collate_fn got an empty batch; check the dataset and batch_size.")
     if context_length is not None and context_length < 1:
@@ -197,9 +229,7 @@ def collate_fn(
             targets[row, : max(prompt_length - 1, 0)] = ignore_index
     if context_length is not None:
         inputs, targets = inputs[:, :context_length], targets[:, :context_length]
-    if device is None:
-        return inputs, targets
-    return inputs.to(device), targets.to(device)
+    return inputs, targets
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,7 +438,8 @@ def response_perplexity(
 
     Only response tokens count (the prompt is masked as in ``collate_fn(mask_instructions=True)``);
     the mean is over tokens, not batches. Lower is better; a model that puts probability 1 on
-    every reference token scores 1.
+    every reference token scores 1. Responses cut off by the model's context count only with the
+    tokens that fit; when no response token fits at all, a ValueError says so (no number would mean anything).
     """
     if len(dataset) == 0:
         raise ValueError("response_perplexity got an empty dataset.")
@@ -417,36 +448,74 @@ def response_perplexity(
     with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs, targets = collate_fn(
-                items, context_length=model.context_length, device=device, mask_instructions=True
-            )
+            inputs, targets = _collate_rows(items, END_OF_TEXT_ID, IGNORE_INDEX, model.context_length, True)
+            inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs)
             loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             total_loss += loss.item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
+    if total_tokens == 0:
+        raise ValueError(
+            f"no response token fits in the model's context of {model.context_length} tokens: every prompt "
+            "fills it. Use shorter prompts or a model with a longer context."
+        )
     return math.exp(total_loss / total_tokens)
 
 
 # The judge's score (shared.judge asks for it; parsing it is part of scoring, so it lives with the metrics)
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w])")
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+_OUT_OF = rf"({_NUMBER})(?:\s*(?:/|out of)\s*(\d+))?"  # "8", "8/10", "8 out of 10"
+_LABELLED = re.compile(rf"\bscore\b\s*(?:is|of|:|=|-)?\s*(?:\*\*)?\s*{_OUT_OF}", re.IGNORECASE)
+_FRACTION = re.compile(rf"(?<![\w.]){_NUMBER}\s*(?:/|out of)\s*\d+", re.IGNORECASE)
+_SCALE = re.compile(r"\b(?:from|of|between)\s+[01]\s*(?:to|and|-|–)\s*(\d+)\b", re.IGNORECASE)
+_LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
+_BARE = re.compile(rf"(?<![\w.]){_OUT_OF}(?![\w])", re.IGNORECASE)
+_SCALES = (5, 10, 100)
+
+
+def _on_100(number: str, out_of: str | None) -> int | None:
+    """``number`` (out of ``out_of``, default 100) as an integer from 0 to 100, or None."""
+    value, top = float(number), int(out_of or 100)
+    if value != int(value) or top not in _SCALES or not 0 <= value <= top:
+        return None
+    return round(value * 100 / top)
+
+
+def _agreed(scores: list[int | None]) -> int | None:
+    """The one score all candidates agree on; None if there are none, or they differ or are invalid."""
+    return scores[0] if scores and len(set(scores)) == 1 else None
 
 
 def parse_score(text: str | None) -> int | None:
-    """The score in a judge's reply: its first number, if that is between 0 and 100.
+    """The score from 0 to 100 a judge's reply means, or None ("unscored") when that is unclear.
 
-    "85" -> 85, "Score: 72/100" -> 72, "90.0" -> 90 (a decimal is rounded). The first number
-    decides: "Score: 105" and "-5" give None (out of range), as does a reply with no number at
-    all ("I cannot rate this"). Digits inside words ("Llama3") are not numbers. None means
-    "unscored": callers count those instead of guessing.
+    The judge is asked to reply ``Score: <integer from 0 to 100>`` (see ``shared.judge``). The rules,
+    in order:
+
+    1. Numbers after the word "score" decide: "Score: 85" -> 85, "1. Accuracy: the answer is
+       right. Score: 90" -> 90 (the list number is not a score).
+    2. Else a fraction on a scale of 5, 10 or 100: "Score: 8/10" -> 80, "I'd rate it 7 out of
+       10" -> 70, "72/100" -> 72.
+    3. Else the bare numbers, after dropping a scale ("on a scale of 0 to 100", "from 1 to 10": the
+       scale's top sets what they are out of) and list numbers ("1." at a line start):
+       "On a scale of 0 to 100, I would give this answer 85." -> 85; on a scale to 10, 8 -> 80.
+
+    At the deciding step all candidates must agree, else the reply is unscored ("Accuracy score:
+    30. Overall score: 85" -> None). Also None: a number out of range ("Score: 105", "-5",
+    "12/10"), a decimal that is not whole ("0.85" could mean 85 or 1, "72.5"; "90.0" -> 90), an
+    unknown scale ("3/7"), no number at all. Digits inside words ("Llama3") are not numbers.
+    Callers count the unscored replies instead of guessing.
     """
     if not text:
         return None
-    match = _NUMBER.search(text)
-    if match is None:
-        return None
-    value = float(match.group())
-    if not 0 <= value <= 100:
-        return None
-    return int(round(value))
+    labelled = _LABELLED.findall(text)
+    if labelled:
+        return _agreed([_on_100(number, out_of) for number, out_of in labelled])
+    if _FRACTION.search(text):
+        return _agreed([_on_100(number, out_of) for number, out_of in _BARE.findall(text) if out_of])
+    scale = _SCALE.search(text)
+    top = scale.group(1) if scale else None
+    rest = _LIST_MARKER.sub(" ", _SCALE.sub(" ", text))
+    return _agreed([_on_100(number, out_of or top) for number, out_of in _BARE.findall(rest)])

@@ -5,12 +5,14 @@
   ``/v1/chat/completions`` server (llama.cpp, vLLM, LM Studio), standard library only, with
   time limits, retries and errors that say how to start a server;
 - :func:`parse_score` (from :mod:`shared.instruction`): the score in the judge's reply, or None;
-- :func:`score_responses`: score many responses; a failure leaves one unscored and goes on.
+- :func:`score_responses`: score many responses; a failure leaves one unscored and goes on,
+  until the judge has failed three times in a row or the run's deadline has passed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 import urllib.error
@@ -30,7 +32,8 @@ def judge_prompt(entry: dict, response: str, style: str = "alpaca") -> str:
         f"Reference answer:\n{entry['output']}\n\n"
         f"Assistant's answer:\n{response}\n\n"
         "Score the assistant's answer from 0 to 100, where 100 means as good as the reference answer "
-        "and 0 means wrong or unrelated. Reply with the integer only."
+        "and 0 means wrong or unrelated. Reply with one line in exactly this form:\n"
+        "Score: <integer from 0 to 100>"
     )
 
 
@@ -57,9 +60,11 @@ class Judge:
     """A chat-completion client for a local judge server.
 
     ``ask(prompt)`` sends one user message and returns the reply text. Each request has a
-    ``timeout`` (seconds); connection errors, timeouts and HTTP 5xx are retried up to
-    ``attempts`` times in all, waiting ``backoff``, 2 x ``backoff``, ... between tries. HTTP 4xx,
-    malformed JSON and a reply without text are not retried. Every failure raises
+    deadline of ``timeout`` seconds: 60 s gives a local model on a CPU time to score one answer.
+    Refused connections and HTTP 5xx are retried up to ``attempts`` times in all, waiting
+    ``backoff``, 2 x ``backoff``, ... between tries. A timeout is not retried: a server that took
+    the request and did not answer in time would only make every retry wait as long again. HTTP
+    4xx, malformed JSON and a reply without text are not retried either. Every failure raises
     :class:`JudgeError` with a message that says what went wrong and what to do.
     """
 
@@ -75,8 +80,12 @@ class Judge:
         backoff: float = 1.0,
         seed: int = 123,
     ):
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}.")
+        if not backoff >= 0:
+            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}.")
         self.base_url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
@@ -98,6 +107,21 @@ class Judge:
     def reply_text(self, body: str) -> str:
         raise NotImplementedError
 
+    def _too_slow(self, url: str) -> JudgeError:
+        return JudgeError(
+            f"the judge at {url} did not answer within {self.timeout:g} s; a local model may need longer "
+            "(raise --timeout / timeout=), or the server is stuck (restart it)."
+        )
+
+    def _read_within(self, response, deadline: float, url: str) -> str:
+        """The whole body, or JudgeError if it is still arriving at ``deadline`` (a server that trickles)."""
+        chunks = []
+        while chunk := response.read1(65536):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise self._too_slow(url)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
     def _request(self, url: str, data: bytes | None) -> str:
         """One HTTP request with retries; returns the response body as text."""
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -106,9 +130,10 @@ class Judge:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(url, data=data, headers=headers)
+            deadline = time.monotonic() + self.timeout
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read().decode("utf-8", errors="replace")
+                    return self._read_within(response, deadline, url)
             except urllib.error.HTTPError as error:
                 detail = error.read().decode("utf-8", errors="replace")[:200]
                 last_problem = f"HTTP {error.code} from {url}: {detail or error.reason}"
@@ -116,12 +141,11 @@ class Judge:
                     hint = f" Is the model {self.model!r} available on the server (ollama pull {self.model})?"
                     raise JudgeError(last_problem + (hint if error.code == 404 else "")) from error
             except TimeoutError as error:
-                last_problem = f"no answer from {url} within {self.timeout} s ({error})"
+                raise self._too_slow(url) from error
             except urllib.error.URLError as error:
                 if isinstance(error.reason, (TimeoutError, socket.timeout)):
-                    last_problem = f"no answer from {url} within {self.timeout} s"
-                else:
-                    last_problem = f"cannot reach {url}: {error.reason}"
+                    raise self._too_slow(url) from error
+                last_problem = f"cannot reach {url}: {error.reason}"
             except (ConnectionError, OSError) as error:
                 last_problem = f"connection to {url} failed: {error}"
         raise JudgeError(f"{last_problem} (after {self.attempts} attempts).\n{HOW_TO_START_A_JUDGE}")
@@ -215,11 +239,20 @@ def make_judge(url: str = DEFAULT_JUDGE_URL, model: str = DEFAULT_JUDGE_MODEL, *
 
 @dataclass
 class JudgeReport:
-    """Scores of a batch of responses: one entry per response, None where unscored."""
+    """Scores of a batch of responses: one entry per response, None where unscored.
+
+    An unscored entry has an error; ``failures`` counts those the judge never answered (request
+    failed or not asked), as opposed to replies without a valid score (their reply is kept).
+    """
 
     scores: list[int | None] = field(default_factory=list)
     replies: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+
+    def add(self, score: int | None, reply: str | None, error: str | None) -> None:
+        self.scores.append(score)
+        self.replies.append(reply)
+        self.errors.append(error)
 
     @property
     def scored(self) -> list[int]:
@@ -228,6 +261,10 @@ class JudgeReport:
     @property
     def unscored(self) -> int:
         return sum(s is None for s in self.scores)
+
+    @property
+    def failures(self) -> int:
+        return sum(e is not None and r is None for r, e in zip(self.replies, self.errors, strict=True))
 
     @property
     def average(self) -> float | None:
@@ -244,38 +281,57 @@ class JudgeReport:
         return counts
 
 
+def _reason_to_stop(failures_in_a_row: int, give_up_after: int, started: float, deadline: float | None):
+    """Why the remaining entries are not sent to the judge, or None to go on."""
+    if failures_in_a_row >= give_up_after:
+        return f"not asked: the judge failed {failures_in_a_row} times in a row"
+    if deadline is not None and time.monotonic() - started >= deadline:
+        return f"not asked: the scoring deadline of {deadline:g} s had passed"
+    return None
+
+
 def score_responses(
     entries: Sequence[dict],
     judge: Judge | Callable[[str], str],
     response_key: str = "model_response",
     style: str = "alpaca",
     progress: bool = False,
+    deadline: float | None = None,
+    give_up_after: int = 3,
 ) -> JudgeReport:
     """Ask the judge to score each entry's response; a failure leaves that one unscored and goes on.
 
     ``judge`` is a :class:`Judge` or any function prompt -> reply text. An entry whose request
     fails (server down, HTTP 500, timeout, malformed JSON) gets score None and its error; so
-    does a reply without a valid score (see :func:`parse_score`), with the reply kept.
+    does a reply without a valid score (see :func:`parse_score`), with the reply kept. After
+    ``give_up_after`` failed requests in a row, or once ``deadline`` seconds have passed since
+    the first request (checked before each one, so the run ends at most one request timeout
+    later), the remaining entries are left unscored, each with the reason, and not sent.
     """
+    if deadline is not None and not deadline > 0:
+        raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}.")
+    missing = [i for i, entry in enumerate(entries) if response_key not in entry]
+    if missing:
+        raise KeyError(f"entries {missing[:5]} have no {response_key!r}; generate the responses first.")
     ask = judge.ask if isinstance(judge, Judge) else judge
-    report = JudgeReport()
+    report, started, failures_in_a_row = JudgeReport(), time.monotonic(), 0
     items = entries
     if progress:
         from tqdm import tqdm
 
         items = tqdm(entries, desc="scoring", unit="response")
     for entry in items:
-        if response_key not in entry:
-            raise KeyError(f"entry has no {response_key!r}; generate the responses first.")
+        stop = _reason_to_stop(failures_in_a_row, give_up_after, started, deadline)
+        if stop is not None:
+            report.add(None, None, stop)
+            continue
         try:
             reply = ask(judge_prompt(entry, entry[response_key], style))
         except JudgeError as error:
-            report.scores.append(None)
-            report.replies.append(None)
-            report.errors.append(str(error).splitlines()[0])
+            failures_in_a_row += 1
+            report.add(None, None, str(error).splitlines()[0])
             continue
+        failures_in_a_row = 0
         score = parse_score(reply)
-        report.scores.append(score)
-        report.replies.append(reply)
-        report.errors.append(None if score is not None else "no score between 0 and 100 in the reply")
+        report.add(score, reply, None if score is not None else "no score between 0 and 100 in the reply")
     return report

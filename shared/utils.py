@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -125,15 +126,34 @@ def banner() -> None:
     print(" | ".join(f"{key}: {value}" for key, value in facts.items()))
 
 
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) if missing and return it; a file in the way, or no
+    permission to create it, raises an error that names the path and the fix."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.is_file()), folder)
+        raise NotADirectoryError(
+            f"cannot use the folder {folder}: {blocker} is a file, not a folder; choose another path "
+            "or move that file away."
+        ) from None
+    except PermissionError:
+        raise PermissionError(
+            f"no permission to create the folder {folder}; choose a folder you can write to or fix the "
+            "permissions of its parent."
+        ) from None
+    return folder
+
+
 def run_dir(out_dir: str | os.PathLike | None, runs_folder: str | os.PathLike) -> Path:
     """The folder a script writes into, created: ``out_dir`` when given (``--out-dir``), else a
     new ``<runs_folder>/<date>-<time>`` folder, so that a run never overwrites an earlier one
     (or results kept in the repository) unless asked to."""
     if out_dir is not None:
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return ensure_folder(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    ensure_folder(runs_folder)
     for attempt in range(100):
         folder = Path(runs_folder) / (stamp if attempt == 0 else f"{stamp}-{attempt}")
         try:
@@ -160,6 +180,11 @@ def temp_path_beside(target: str | os.PathLike) -> Path:
             return tmp
         except FileExistsError:  # another name clashed (vanishingly rare): draw again
             continue
+        except PermissionError:
+            raise PermissionError(
+                f"no permission to write in {target.parent}; choose a folder you can write to or fix its "
+                "permissions."
+            ) from None
 
 
 @contextmanager
@@ -173,6 +198,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def _is_disk_full(error: Exception) -> bool:
+    """ENOSPC, also as libraries written in Rust (safetensors) report it: in their message."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(error)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Write ``target`` all at once or not at all.
@@ -183,13 +215,24 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
         with atomic_path("model.safetensors") as tmp:
             save_file(tensors, tmp)
+
+    A file where a folder should be, a folder without write permission and a full disk raise
+    errors that name the place and the fix (the last an OSError with ``errno.ENOSPC``).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(target.parent)
     tmp = temp_path_beside(target)
     try:
         yield tmp
         os.replace(tmp, target)
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"the disk holding {target.parent} is full: {target.name} was not written (an older "
+            "version, if any, is kept); free some space or choose a folder on another disk.",
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

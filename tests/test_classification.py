@@ -3,6 +3,8 @@
 import pandas as pd
 import pytest
 import torch
+from scripts import load_script
+from writes import deny_writes_under
 
 from shared import classification as cls
 from shared.model import GPT_CONFIGS, GPTModel, build_on_meta
@@ -379,3 +381,163 @@ def test_load_gpt2_or_standin_uses_gpt2_weights_when_present_and_falls_back_offl
     assert model.cfg["emb_dim"] == TINY["emb_dim"] and model.cfg["drop_rate"] == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(block.att.dropout == 0.0 for block in model.trf_blocks)
+
+
+# --- bad input to the scripts and the files ---------------------------------------------
+
+
+def test_finetune_script_refuses_a_context_length_below_one_and_an_unknown_trainable_blocks(capsys):
+    script = load_script("ch06", "finetune_classifier")
+    for argv, message in [
+        (["--context-length", "0"], "--context-length must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--trainable-blocks", "banana"], "'banana' is neither 'all' nor a number of blocks (0, 1, 2, ...)"),
+        (["--trainable-blocks", "-1"], "neither 'all' nor a number of blocks"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            script.parse_args(argv)
+        assert caught.value.code == 2 and message in capsys.readouterr().err
+    assert script.parse_args(["--trainable-blocks", "all"]).trainable_blocks == "all"
+    assert script.parse_args(["--trainable-blocks", "2"]).trainable_blocks == 2
+
+
+def test_saving_a_classifier_under_a_file_names_the_file(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken'} is a file"):
+        cls.save_classifier(tiny_classifier(), tmp_path / "taken" / "clf")
+
+
+def test_saving_a_classifier_into_a_read_only_folder_says_so(tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    deny_writes_under(monkeypatch, folder)
+    with pytest.raises(PermissionError, match=f"no permission to write in {folder}; choose a folder"):
+        cls.save_classifier(tiny_classifier(), folder)
+
+
+def test_loading_a_classifier_with_an_empty_config_names_the_file_and_the_missing_keys(tmp_path):
+    cls.save_classifier(tiny_classifier(), tmp_path)
+    (tmp_path / "classifier.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"classifier.json lacks .*gpt_config.*save_classifier"):
+        cls.load_classifier(tmp_path)
+    (tmp_path / "classifier.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"classifier.json is not valid JSON"):
+        cls.load_classifier(tmp_path)
+
+
+def test_loading_a_truncated_classifier_names_the_weights_file(tmp_path):
+    cls.save_classifier(tiny_classifier(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights} cannot be read .*save the classifier again"):
+        cls.load_classifier(tmp_path)
+
+
+def test_reading_an_empty_split_names_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(ValueError, match="train.csv is empty.*prepare_spam_splits"):
+        cls.read_split(tmp_path / "train.csv")
+
+
+def test_spam_splits_in_a_read_only_data_folder_say_how_to_fix_it(tmp_path, monkeypatch):
+    deny_writes_under(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError, match="LLMS_DATA_DIR"):
+        cls.prepare_spam_splits(tmp_path / "splits")
+
+
+# --- ch06/experiments.py: which variants, and where the table goes -----------------------
+
+
+@pytest.fixture
+def experiments(monkeypatch, tmp_path):
+    """The experiments script with a fake finetune (instant) and its folders in tmp_path."""
+    from scripts import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "ch06"))
+    module = load_script("ch06", "experiments")
+    settings = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "batch_size": 8, "seed": 123}
+    report = {
+        "accuracy": {"train": 1.0, "validation": 0.9, "test": 0.8},
+        "trainable_parameters": 10,
+        "train_seconds": 0.1,
+        "model": "fake",
+        "device": "cpu",
+        "settings": settings,
+    }
+    monkeypatch.setattr(module, "finetune", lambda args: (None, report))
+    monkeypatch.setattr(module, "HERE", tmp_path)  # runs/ and results/ go here
+    return module
+
+
+def committed_table(results):
+    results.mkdir()
+    (results / "experiments-quick.md").write_text("the committed 12-variant table")
+    return results / "experiments-quick.md"
+
+
+def test_experiments_refuse_unknown_names_and_an_empty_only_list(experiments, capsys):
+    for argv, message in [
+        (["--only", "baseline "], "unknown variant 'baseline '; the variants are: baseline, first token"),
+        (["--only"], "expected at least one argument"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            experiments.main(["--quick", *argv])
+        assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_partial_experiment_run_goes_to_a_run_folder_not_over_the_committed_table(experiments, tmp_path):
+    table = committed_table(tmp_path / "results")
+    rows = experiments.main(["--quick", "--only", "head only"])
+    assert [row["variant"] for row in rows] == ["head only"]
+    assert table.read_text() == "the committed 12-variant table"
+    (run,) = (tmp_path / "runs" / "experiments").iterdir()
+    assert (run / "experiments-quick-partial.md").is_file()  # named so: not the whole table
+
+
+def test_refreshing_the_committed_table_needs_its_flag_and_every_variant(experiments, tmp_path, capsys):
+    table = committed_table(tmp_path / "results")
+    for argv, message in [
+        (["--out-dir", str(tmp_path / "results")], "pass --refresh-results"),
+        (["--refresh-results", "--only", "head only"], "--refresh-results runs every variant"),
+    ]:
+        with pytest.raises(SystemExit):
+            experiments.main(["--quick", *argv])
+        assert message in capsys.readouterr().err
+    assert table.read_text() == "the committed 12-variant table"
+    rows = experiments.main(["--quick", "--refresh-results"])
+    assert len(rows) == 12 and "| head only |" in table.read_text()
+
+
+def test_finetune_script_with_an_out_dir_under_a_file_exits_1_with_one_line_before_training(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from scripts import REPO_ROOT
+
+    (tmp_path / "taken").write_text("a file")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, str(REPO_ROOT / "ch06" / "finetune_classifier.py"), "--quick"]
+    done = subprocess.run(
+        [*command, "--out-dir", str(tmp_path / "taken" / "run")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"error: cannot use the folder {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file, "
+        "not a folder; choose another path or move that file away."
+    )
+    assert "model:" not in done.stdout  # refused before the model was even built
+
+
+def test_saving_a_classifier_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when a write hits ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cls, "save_file", full_disk)
+    with pytest.raises(
+        OSError, match=f"the disk holding {tmp_path} is full: model.safetensors was not written"
+    ):
+        cls.save_classifier(tiny_classifier(), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,13 @@ def test_data_dir_follows_environment_variable(monkeypatch, tmp_path):
     assert (tmp_path / "data").is_dir()
 
 
+def test_data_dir_pointing_at_a_file_says_so(monkeypatch, tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(NotADirectoryError, match=r"LLMS_DATA_DIR=.*data is a file, not a folder"):
+        data.data_dir()
+
+
 def test_fetch_failure_says_how_to_provide_the_file_by_hand(monkeypatch, tmp_path, closed_port_url):
     monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("LLMS_GITHUB_BASE_URL", closed_port_url)
@@ -117,3 +124,12 @@ def test_malformed_instruction_json_names_the_file(tmp_path):
     path.write_text('[{"instruction": "x",', encoding="utf-8")
     with pytest.raises(data.DataValidationError, match="broken.json is not valid JSON"):
         data.load_instruction_data(path)
+
+
+def test_empty_sms_table_says_which_file_to_delete(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMS_DATA_DIR", str(tmp_path))
+    table = tmp_path / "sms_spam_collection" / "SMSSpamCollection"
+    table.parent.mkdir()
+    table.write_text("")
+    with pytest.raises(data.DataValidationError, match=f"{table} does not look like .*Delete {table.parent}"):
+        data.load_sms_spam()

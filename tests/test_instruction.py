@@ -114,6 +114,25 @@ def test_collate_masks_the_instruction_only_when_asked():
     assert inputs.tolist() == [[10, 11, 12, 20, 21], [13, 14, 22, 50256, 50256]]
 
 
+def test_collate_refuses_a_batch_whose_every_target_is_cut_off_by_the_context():
+    # The prompts are longer than the context: no response token is left to learn, the loss would be NaN.
+    batch = [
+        TokenizedExample(list(range(10, 20)), prompt_length=8),
+        TokenizedExample([1, 2, 3, 4, 5, 6, 7], 6),
+    ]
+    with pytest.raises(ValueError, match="every target .* context_length=5"):
+        collate_fn(batch, context_length=5, mask_instructions=True)
+    inputs, _ = collate_fn(batch, context_length=5)  # without masking the prompt tokens still teach
+    assert inputs.shape == (2, 5)
+
+
+def test_collate_warns_when_some_rows_keep_no_target():
+    batch = [TokenizedExample(list(range(10, 20)), prompt_length=8), TokenizedExample([1, 2, 3], 1)]
+    with pytest.warns(UserWarning, match="1 of 2 rows"):
+        _, targets = collate_fn(batch, context_length=5, mask_instructions=True)
+    assert (targets[0] == X).all() and (targets[1] != X).any()
+
+
 def test_collate_refuses_masking_without_prompt_lengths_and_empty_input():
     with pytest.raises(ValueError, match="TokenizedExample"):
         collate_fn([[1, 2]], mask_instructions=True)
@@ -311,6 +330,13 @@ def test_response_perplexity_counts_only_response_tokens(gpt2_tokenizer):
     assert ppl != pytest.approx(math.exp(all_nll / all_count), rel=1e-4)  # the prompt really is left out
 
 
+def test_response_perplexity_refuses_when_every_response_token_is_cut_off(gpt2_tokenizer):
+    dataset = InstructionDataset([ENTRY_WITH_INPUT, ENTRY_WITHOUT_INPUT], gpt2_tokenizer)
+    model = tiny_model(context_length=8)  # shorter than every prompt
+    with pytest.raises(ValueError, match="no response token fits"):
+        response_perplexity(model, dataset)
+
+
 # ---------------------------------------------------------------------------------------
 # Finetuning and the scripts
 # ---------------------------------------------------------------------------------------
@@ -344,7 +370,9 @@ def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
     assert history.val_losses[-1] < history.val_losses[0]
 
 
-def test_the_ch07_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(monkeypatch, capsys):
+def test_the_ch07_base_model_falls_back_to_the_labelled_tiny_model_when_gpt2_cannot_be_downloaded(
+    monkeypatch, capsys
+):
     import shared.weights
     from shared.download import DownloadError
     from shared.instruction import SMALL_MODEL_CONFIG
@@ -385,6 +413,22 @@ def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, m
     assert len(responses) == 3 and all(isinstance(e["model_response"], str) for e in responses)
     assert load_hf_gpt2(tmp_path / "model").cfg["emb_dim"] == 64
     assert json.loads((tmp_path / "finetune-report.json").read_text())["train_seconds"] > 0
+
+
+def test_finetune_script_refuses_a_batch_larger_than_the_training_data(tmp_path, monkeypatch, capsys):
+    finetune = load_script("ch07", "finetune_instructions")
+    monkeypatch.setattr(finetune, "QUICK_SIZES", {"train": 16, "val": 8, "test": 3, "max_new_tokens": 4})
+    with pytest.raises(SystemExit, match="--batch-size 2000 is larger than the 16 training entries"):
+        finetune.main(["--quick", "--batch-size", "2000", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # nothing written: no model, no report
+
+
+@pytest.mark.parametrize("flag", ["--context-length", "--batch-size", "--epochs"])
+def test_finetune_script_refuses_a_size_below_one(flag, capsys):
+    finetune = load_script("ch07", "finetune_instructions")
+    with pytest.raises(SystemExit) as caught:
+        finetune.parse_args([flag, "0"])
+    assert caught.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_an_entry_that_writes_endoftext_is_tokenised_as_plain_text(gpt2_tokenizer):

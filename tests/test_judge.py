@@ -11,7 +11,15 @@ import pytest
 from scripts import load_script
 
 from shared import instruction
-from shared.judge import JudgeError, OllamaJudge, OpenAIJudge, make_judge, parse_score, score_responses
+from shared.judge import (
+    JudgeError,
+    OllamaJudge,
+    OpenAIJudge,
+    judge_prompt,
+    make_judge,
+    parse_score,
+    score_responses,
+)
 
 ENTRY_WITH_INPUT = {
     "instruction": "Convert to passive voice.",
@@ -40,10 +48,30 @@ ENTRY_WITHOUT_INPUT = {"instruction": "Name a primary colour.", "input": "", "ou
         ("", None),
         (None, None),
         ("Llama3 says 40", 40),
+        # The cases of issue 25: the score the judge means, or unscored.
+        ("On a scale of 0 to 100, I would give this answer 85.", 85),
+        ("0.85", None),  # a fraction of 1 or of 100? ambiguous: unscored
+        ("72.5", None),  # the prompt asks for an integer
+        ("Score: 8/10", 80),
+        ("I'd rate it 7 out of 10", 70),
+        ("1. Accuracy: the answer is right. Score: 90", 90),
+        ("On a scale of 1 to 10, I would give it 8.", 80),
+        ("Score: **85**", 85),
+        ("Score: 90\nThe reference would get 100.", 90),  # the labelled score wins
+        ("Accuracy score: 30. Overall score: 85", None),  # two different labelled scores
+        ("The answer lists 3 of the 4 steps; I give it 70", None),  # several bare numbers
+        ("Score: 12/10", None),  # more than the scale
+        ("Score: 3/7", None),  # a scale we do not know
     ],
 )
 def test_parse_score(reply, score):
     assert parse_score(reply) == score
+
+
+def test_the_judge_prompt_asks_for_the_form_the_parser_reads():
+    prompt = judge_prompt(ENTRY_WITH_INPUT, "The fish was eaten.")
+    assert "Score: <integer from 0 to 100>" in prompt
+    assert parse_score("Score: 85") == 85
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,6 +108,18 @@ class FakeJudgeHandler(BaseHTTPRequestHandler):
             time.sleep(1.5)  # longer than the client's timeout; bounded so the thread ends
             try:
                 self._send(200, "{}")
+            except OSError:  # the client has hung up already
+                pass
+        elif mode == "trickle":  # a valid reply, one byte every 50 ms: about 4 s in all
+            data = json.dumps({"message": {"role": "assistant", "content": reply}, "done": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
             except OSError:  # the client has hung up already
                 pass
         elif self.path == "/api/chat" and mode == "stream":
@@ -160,8 +200,58 @@ def test_malformed_json_is_reported(judge_server):
 def test_a_hanging_server_times_out(judge_server):
     judge_server.mode = "hang"  # the server answers only after 1.5 s
     judge = make_judge(url_of(judge_server), timeout=0.2, attempts=1, backoff=0.0)
-    with pytest.raises(JudgeError, match="no answer .* within 0.2 s"):
+    with pytest.raises(JudgeError, match="did not answer within 0.2 s"):
         judge.ask("x")
+
+
+def test_a_server_that_accepts_and_never_answers_is_asked_once(judge_server):
+    # Asking again would only multiply the wait: a timed-out request is not retried.
+    judge_server.mode = "hang"
+    judge = make_judge(url_of(judge_server), timeout=0.2, attempts=3, backoff=0.0)
+    with pytest.raises(JudgeError, match="did not answer within 0.2 s.*--timeout"):
+        judge.ask("x")
+    assert len(judge_server.requests) == 1
+
+
+def test_a_reply_that_trickles_in_past_the_deadline_is_given_up_on(judge_server):
+    # Each byte comes well within the socket timeout, but the whole reply takes far longer.
+    judge_server.mode = "trickle"
+    judge = make_judge(url_of(judge_server), timeout=0.3, attempts=1)
+    with pytest.raises(JudgeError, match="did not answer within 0.3 s"):
+        judge.ask("x")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_a_judge_refuses_a_timeout_that_is_not_a_positive_number(timeout):
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        make_judge("http://127.0.0.1:11434", timeout=timeout)
+
+
+def test_scoring_stops_asking_a_judge_that_failed_three_times_in_a_row():
+    calls = []
+
+    def ask(prompt):
+        calls.append(prompt)
+        raise JudgeError("no answer")
+
+    entries = [{**ENTRY_WITHOUT_INPUT, "model_response": "Red"}] * 6
+    report = score_responses(entries, ask)
+    assert len(calls) == 3 and report.scores == [None] * 6 and report.failures == 6
+    assert "not asked" in report.errors[5] and "3 times in a row" in report.errors[5]
+
+
+def test_scoring_stops_at_the_deadline_of_the_run(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("shared.judge.time.monotonic", lambda: clock[0])
+
+    def ask(prompt):
+        clock[0] += 10.0  # each answer takes ten (fake) seconds
+        return "Score: 80"
+
+    entries = [{**ENTRY_WITHOUT_INPUT, "model_response": "Red"}] * 5
+    report = score_responses(entries, ask, deadline=25.0)
+    assert report.scores == [80, 80, 80, None, None]  # asked at 0, 10, 20 s; 30 s is past 25 s
+    assert "deadline of 25 s" in report.errors[3]
 
 
 def closed_port() -> int:
@@ -239,6 +329,36 @@ def test_evaluate_script_explains_a_missing_response_key(tmp_path):
     path = tmp_path / "responses.json"
     path.write_text(json.dumps([ENTRY_WITH_INPUT]))
     with pytest.raises(SystemExit, match="model_response"):
+        evaluate.main([str(path)])
+
+
+def test_evaluate_script_with_a_judge_that_never_scores_ends_with_the_entries_unscored(
+    judge_server, tmp_path, capsys
+):
+    evaluate = load_script("ch07", "evaluate_responses")
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([{**ENTRY_WITHOUT_INPUT, "model_response": "Red."}] * 5))
+    judge_server.mode = "hang"  # answers the health probe (GET), never a scoring request in time
+    assert evaluate.main([str(path), "--judge-url", url_of(judge_server), "--timeout", "0.2"]) == 2
+    report = json.loads((tmp_path / "responses-report.json").read_text())
+    assert report["judge"]["unscored"] == 5 and report["judge"]["failures"] == 5
+    assert len(judge_server.requests) == 3  # then it stopped asking
+    assert "did not answer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
+def test_evaluate_script_refuses_a_timeout_that_is_not_positive(tmp_path, timeout, capsys):
+    evaluate = load_script("ch07", "evaluate_responses")
+    with pytest.raises(SystemExit) as caught:
+        evaluate.main([str(tmp_path / "r.json"), "--timeout", timeout])
+    assert caught.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
+
+
+def test_evaluate_script_explains_an_empty_list(tmp_path):
+    evaluate = load_script("ch07", "evaluate_responses")
+    path = tmp_path / "responses.json"
+    path.write_text("[]")
+    with pytest.raises(SystemExit, match="holds no entries"):
         evaluate.main([str(path)])
 
 

@@ -136,3 +136,42 @@ def test_run_dir_makes_a_new_folder_per_run_unless_one_is_named(tmp_path):
     named = run_dir(tmp_path / "mine" / "deep", tmp_path / "runs")
     assert named == tmp_path / "mine" / "deep" and named.is_dir()
     assert run_dir(named, tmp_path / "runs") == named  # an existing folder named on purpose is reused
+
+
+def test_atomic_path_under_a_file_names_the_file(tmp_path):
+    from shared.utils import atomic_path, run_dir
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken'} is a file, not a folder"):
+        with atomic_path(tmp_path / "taken" / "deeper" / "out.txt") as tmp:
+            tmp.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        run_dir(tmp_path / "taken", tmp_path / "runs")
+
+
+def test_atomic_path_in_a_read_only_folder_says_so(tmp_path, monkeypatch):
+    from writes import deny_writes_under
+
+    from shared.utils import atomic_path, run_dir
+
+    deny_writes_under(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError, match=f"no permission to write in {tmp_path}; choose a folder"):
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("x")
+    with pytest.raises(PermissionError, match="no permission to create the folder"):
+        run_dir(None, tmp_path / "runs")
+
+
+def test_atomic_path_on_a_full_disk_says_so_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    from shared.utils import atomic_path
+
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(OSError, match=f"the disk holding {tmp_path} is full") as caught:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")  # what a write on a full disk raises
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
