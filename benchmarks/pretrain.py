@@ -55,7 +55,7 @@ from shared.corpus import WindowSampler, prepare_corpus
 from shared.data import load_the_verdict
 from shared.distributed import launch_torchrun
 from shared.model import GPTModel
-from shared.tokenizer import get_gpt2_tokenizer
+from shared.tokenizer import GPT2_VOCAB_SIZE, get_gpt2_tokenizer
 from shared.train import TrainSettings, WarmupCosine, make_optimizer, train_step
 from shared.utils import by_mode
 
@@ -70,9 +70,9 @@ TRAIN_ARGS = ["--quick", "--batch-size", "8", "--context-length", "64", "--eval-
 TRAIN_STEPS = by_mode(full=40, quick=4)
 # The speed comparison: a small GPT (GPT-2's vocabulary), the book's model and ours.
 SPEED_CFG = by_mode(
-    full={"vocab_size": 50257, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
+    full={"vocab_size": GPT2_VOCAB_SIZE, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
           "drop_rate": 0.1, "qkv_bias": False},
-    quick={"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+    quick={"vocab_size": GPT2_VOCAB_SIZE, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
            "drop_rate": 0.1, "qkv_bias": False},
 )  # fmt: skip
 SPEED_BATCH = by_mode(full=4, quick=2)
