@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts a subprocess (a script, a benchmark or torchrun).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

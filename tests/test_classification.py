@@ -309,6 +309,7 @@ def test_save_and_load_give_the_same_classifier(tmp_path, tokenizer):
 # --- training ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer):
     """One epoch of the small random GPT on the balanced split. Seen: about 96% test accuracy."""
     from shared.train import TrainSettings, make_optimizer, train_model
@@ -346,6 +347,7 @@ def test_quick_training_beats_chance_by_far_on_the_test_split(splits, tokenizer)
     assert history.train_losses[-1] < history.train_losses[0]
 
 
+@pytest.mark.slow
 def test_finetune_script_runs_end_to_end_and_saves_a_loadable_classifier(tmp_path, tokenizer):
     import importlib.util
     import json
@@ -494,6 +496,7 @@ def test_a_partial_experiment_run_goes_to_a_run_folder_not_over_the_committed_ta
     assert (run / "experiments-quick-partial.md").is_file()  # named so: not the whole table
 
 
+@pytest.mark.slow
 def test_refreshing_the_committed_table_needs_its_flag_and_every_variant(experiments, tmp_path, capsys):
     table = committed_table(tmp_path / "results")
     for argv, message in [
@@ -508,6 +511,7 @@ def test_refreshing_the_committed_table_needs_its_flag_and_every_variant(experim
     assert len(rows) == 12 and "| head only |" in table.read_text()
 
 
+@pytest.mark.slow
 def test_finetune_script_with_an_out_dir_under_a_file_exits_1_with_one_line_before_training(tmp_path):
     import os
     import subprocess

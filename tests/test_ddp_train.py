@@ -11,6 +11,9 @@ import torch
 
 from shared import distributed
 
+# Every test here starts a subprocess (a script, a benchmark or torchrun).
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "appendix_A" / "ddp_train.py"
 

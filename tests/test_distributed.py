@@ -81,6 +81,7 @@ def _is_running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc (Linux)")
+@pytest.mark.slow
 def test_timeout_kills_the_command_and_the_processes_it_started():
     spawn_and_hang = (
         "import subprocess, sys, time\n"

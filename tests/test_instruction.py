@@ -342,6 +342,7 @@ def test_response_perplexity_refuses_when_every_response_token_is_cut_off(gpt2_t
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_finetuning_lowers_the_validation_loss(gpt2_tokenizer):
     import functools
 
@@ -401,6 +402,7 @@ def test_the_ch07_base_model_from_a_local_checkpoint_has_dropout_off(tmp_path):
         torch.testing.assert_close(model(ids), original(ids))
 
 
+@pytest.mark.slow
 def test_finetune_script_quick_run_writes_model_responses_and_report(tmp_path, monkeypatch):
     from shared.weights import load_hf_gpt2
 
