@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from shared import classification as cls
+from shared import lora
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, make_optimizer, train_model
 from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
@@ -62,8 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--num-classes", type=int, default=2, choices=[1, 2], help="2: softmax + CE; 1: sigmoid + BCE"
     )
+    parser.add_argument(
+        "--lora-rank", type=int, default=None,
+        help="train LoRA adapters of this rank on every linear layer instead of whole blocks (appendix E)",
+    )
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
     parser.add_argument("--epochs", type=int, default=None, help="default 5 (quick: 2)")
-    parser.add_argument("--lr", type=float, default=None, help="default 5e-5 pretrained, 1e-3 random")
+    parser.add_argument("--lr", type=float, default=None, help="default 5e-5 pretrained, 1e-3 random or LoRA")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
@@ -95,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "context_length", "eval_freq", "eval_iter"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        parser.error("--lora-alpha needs --lora-rank")
     return args
 
 
@@ -141,7 +149,7 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     trainable_blocks = args.trainable_blocks
     if trainable_blocks is None:
         trainable_blocks = 1 if pretrained else "all"
-    lr = args.lr if args.lr is not None else (5e-5 if pretrained else 1e-3)
+    lr = args.lr if args.lr is not None else (5e-5 if pretrained and args.lora_rank is None else 1e-3)
     epochs = args.epochs if args.epochs is not None else (2 if quick else 5)
 
     loaders, context_length = spam_loaders(args, model.context_length)
@@ -153,6 +161,8 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         pooling=args.pooling,
         causal=not args.no_causal_mask,
     )
+    if args.lora_rank is not None:  # freezes everything else, the new head's weight included
+        lora.apply_lora(model, args.lora_rank, args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
     model.to(device)
     trainable, total = cls.count_trainable(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
@@ -199,6 +209,8 @@ def finetune(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             "context_length": context_length,
             "padding": args.padding,
             "seed": args.seed,
+            "lora_rank": args.lora_rank,
+            "lora_alpha": args.lora_alpha,
         },
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -217,6 +229,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out_dir = run_dir(args.out_dir, HERE / "runs" / "finetune_classifier")
     model, report = finetune(args)
+    if args.lora_rank is not None:  # fold the adapters in: an ordinary classifier to save and use
+        lora.remove_lora(lora.merge_lora(model))
     if not args.no_save:
         cls.save_classifier(model, out_dir)
         report["saved_to"] = str(out_dir)

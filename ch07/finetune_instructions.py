@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from shared import lora
 from shared.data import load_instruction_data
 from shared.instruction import (
     PRETRAINED_LR,
@@ -67,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5 GPT-2, 1e-3 tiny model)")
+    parser.add_argument(
+        "--lora-rank", type=int, default=None,
+        help="train LoRA adapters of this rank on every linear layer instead of all weights (appendix E)",
+    )
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--style", default="alpaca", choices=PROMPT_STYLES, help="prompt format")
@@ -92,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.quick = args.quick or is_quick()
+    if args.lora_alpha is not None and args.lora_rank is None:
+        parser.error("--lora-alpha needs --lora-rank")
     for name in ("epochs", "batch_size", "max_new_tokens", "eval_freq", "eval_iter", "context_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -131,7 +139,10 @@ def main(argv=None) -> dict:
         seed=args.seed,
     )
     model.to(device)
-    args.lr = args.lr or (PRETRAINED_LR if pretrained else SMALL_MODEL_LR)
+    if args.lora_rank is not None:  # freezes everything else; a head tied to the embedding is left out
+        alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
+        print(f"LoRA rank {args.lora_rank}: {lora.apply_lora(model, args.lora_rank, alpha):,} trainable parameters")
+    args.lr = args.lr or (PRETRAINED_LR if pretrained and args.lora_rank is None else SMALL_MODEL_LR)
     print(f"model: {description}; learning rate {args.lr}")
     context_length = args.context_length or model.context_length
     collate = functools.partial(
@@ -160,6 +171,8 @@ def main(argv=None) -> dict:
         settings=TrainSettings(max_new_tokens=min(35, args.max_new_tokens)),
     )
     train_seconds = time.perf_counter() - start
+    if args.lora_rank is not None:  # fold the adapters in: no extra work per generated token
+        lora.remove_lora(lora.merge_lora(model))
     with torch.no_grad():
         model.eval()
         val_after = calc_loss_loader(val_loader, model, device, num_batches=args.eval_iter)

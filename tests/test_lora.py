@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from scripts import load_script
 from torch import nn
 
 from shared import classification as cls
@@ -446,3 +447,32 @@ def test_merged_outputs_agree_with_unmerged_in_both(both):
         torch.testing.assert_close(ours(idx), unmerged, rtol=0, atol=1e-5)
         torch.testing.assert_close(peft_model(idx).logits, peft_unmerged, rtol=0, atol=1e-5)
         torch.testing.assert_close(ours(idx), peft_model(idx).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_classifier_script_trains_lora_adapters_and_saves_an_ordinary_classifier(tmp_path):
+    finetune = load_script("ch06", "finetune_classifier")
+    argv = ["--quick", "--epochs", "1", "--context-length", "48", "--out-dir", str(tmp_path)]
+    report = finetune.main([*argv, "--lora-rank", "4", "--lora-alpha", "8"])
+    assert report["settings"]["lora_rank"] == 4 and report["settings"]["lora_alpha"] == 8
+    full = GPTModel(finetune.load_gpt2_or_standin("gpt2-small", pretrained=False).model.cfg)
+    assert 0 < report["trainable_parameters"] < sum(p.numel() for p in full.parameters()) / 50
+    loaded = cls.load_classifier(tmp_path)  # merged and unwrapped: plain linear layers again
+    assert not any(isinstance(module, LinearWithLoRA) for module in loaded.modules())
+
+
+@pytest.mark.slow
+def test_instruction_script_trains_lora_adapters_and_saves_a_merged_gpt2(tmp_path, monkeypatch):
+    finetune = load_script("ch07", "finetune_instructions")
+    monkeypatch.setattr(finetune, "QUICK_SIZES", {"train": 16, "val": 8, "test": 2, "max_new_tokens": 4})
+    argv = ["--quick", "--epochs", "1", "--eval-iter", "1", "--out-dir", str(tmp_path), "--lora-rank", "4"]
+    report = finetune.main(argv)
+    assert report["val_loss_after"] < report["val_loss_before"]
+    assert load_hf_gpt2(tmp_path / "model").cfg["emb_dim"] == 64  # an ordinary GPT-2 checkpoint
+
+
+@pytest.mark.parametrize("script", [("ch06", "finetune_classifier"), ("ch07", "finetune_instructions")])
+def test_scripts_refuse_a_lora_alpha_without_a_rank(script, capsys):
+    with pytest.raises(SystemExit) as caught:
+        load_script(*script).parse_args(["--quick", "--lora-alpha", "16"])
+    assert caught.value.code == 2 and "--lora-alpha needs --lora-rank" in capsys.readouterr().err
