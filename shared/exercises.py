@@ -15,6 +15,7 @@ the check calls it on cases of its own. It prints one line:
 ``check`` returns True only for ✓, and never raises for a wrong answer.
 """
 
+import copy
 import functools
 import math
 import tempfile
@@ -26,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from shared import lora
 from shared.attention import MultiHeadAttention
-from shared.classification import label_ids, make_classifier, prepare_spam_splits, read_split
+from shared.classification import (
+    classification_loss,
+    classifier_logits,
+    label_ids,
+    make_classifier,
+    prepare_spam_splits,
+    read_split,
+)
 from shared.data import load_instruction_data, load_sms_spam, load_the_verdict
 from shared.dataloader import create_dataloader
 from shared.generate import generate
@@ -1553,3 +1562,324 @@ def _rewarming(answer) -> str:
             hints.get(step, "after the warm-up, decay along half a cosine, as lr_at does."),
         )
     return "the second phase re-warms from 1e-5 to 5e-4 and decays to 1e-5 along a cosine."
+
+
+# ---------------------------------------------------------------------------------------
+# Appendix E: LoRA
+# ---------------------------------------------------------------------------------------
+
+# The base models a spam classifier of appendix E starts from (GPT-2 as loaded from OpenAI's weights).
+SPAM_BASES = {
+    "GPT-2 small": {**GPT_CONFIGS["gpt2-small"], "qkv_bias": True},
+    "the stand-in model": STANDIN_CONFIG,
+}
+PLACEMENTS = {  # answer key -> the targets that placement may use (the head's adapter or not)
+    "attention": (("attention",), ("attention", "head")),
+    "feed_forward": (("feed_forward",), ("feed_forward", "head")),
+    "every_layer": (None,),
+}
+
+
+@functools.cache
+def _adapted_layers(
+    base: str, targets: tuple[str, ...] | None
+) -> tuple[tuple[tuple[str, int, int], ...], int]:
+    """((name, d_in, d_out) of each layer apply_lora adapts, the base's parameter count) for a spam classifier."""
+    model = make_classifier(build_on_meta(SPAM_BASES[base]))
+    total = count_parameters(model)
+    lora.apply_lora(model, 1, 1, list(targets) if targets else None)
+    layers = tuple((name, m.in_features, m.out_features) for name, m in lora.lora_layers(model).items())
+    return layers, total
+
+
+def _lora_count_hint(given, rank: int, targets_options) -> str:
+    """The hint for a wrong count of trainable LoRA parameters: which mistake gives that number."""
+    for base in SPAM_BASES:
+        for targets in targets_options:
+            layers, total = _adapted_layers(base, targets)
+            right = rank * sum(d_in + d_out for _, d_in, d_out in layers)
+            one_side = {
+                rank * sum(d_in for _, d_in, _ in layers),
+                rank * sum(d_out for _, _, d_out in layers),
+            }
+            split = right + rank * sum(2 * d_in for name, d_in, _ in layers if name.endswith("qkv"))
+            if given in one_side:
+                return "A is d_in x r and B is r x d_out: a rank-r adapter has r (d_in + d_out) parameters, not r x d."
+            if given == split:
+                return "our attention computes queries, keys and values with one fused layer (att.qkv): one adapter there, not three."
+            if given in (total, total + right):
+                return "count only the parameters that train (requires_grad=True): the adapters' A and B."
+    return "each adapted layer adds r (d_in + d_out) parameters; sum over the layers apply_lora adapts (the 2-class head included)."
+
+
+def _lora_base(given, rank: int, targets_options, case: str) -> str:
+    """The base model whose classifier has ``given`` trainable parameters with rank-``rank`` adapters, or a ✗."""
+    for base in SPAM_BASES:
+        for targets in targets_options:
+            layers, _ = _adapted_layers(base, targets)
+            if given == rank * sum(d_in + d_out for _, d_in, d_out in layers):
+                return base
+    raise Wrong(
+        case,
+        "what apply_lora leaves trainable on GPT-2 small's or the stand-in's spam classifier",
+        given,
+        _lora_count_hint(given, rank, targets_options),
+    )
+
+
+def _count_and_accuracy(answer, key, form: str) -> tuple[int | float, float]:
+    given = _field(answer, key, form)
+    _need(
+        isinstance(given, (tuple, list)) and len(given) == 2,
+        repr(key),
+        "a pair (trainable parameters, test accuracy)",
+        given,
+        f"write the answer as {form}.",
+    )
+    count = _number(given[0], f"{key!r}: trainable parameters", f"write the answer as {form}.")
+    accuracy = _accuracies({"test accuracy": given[1]}, ("test accuracy",), form)["test accuracy"]
+    return (int(count) if count.is_integer() else count), accuracy
+
+
+@exercise("appendix_E.1", "rank sweep")
+def _rank_sweep(answer) -> str:
+    form = "{1: (trainable parameters, test accuracy), 16: (...), 64: (...)}"
+    results = {rank: _count_and_accuracy(answer, rank, form) for rank in (1, 16, 64)}
+    bases = {
+        rank: _lora_base(count, rank, (None,), f"trainable parameters at rank {rank}, every linear layer")
+        for rank, (count, _) in results.items()
+    }
+    _need(
+        len(set(bases.values())) == 1,
+        "the base model of the three runs",
+        "the same model for every rank",
+        bases,
+        "start every run from the same base model.",
+    )
+    return f"the trainable counts at ranks 1, 16 and 64 match apply_lora on {bases[1]}'s classifier (r (d_in + d_out) per layer)."
+
+
+@exercise("appendix_E.2", "where to put the adapters")
+def _where_to_put(answer) -> str:
+    form = (
+        '{"attention": (trainable, test accuracy), "feed_forward": (...), "every_layer": (...), "best": key}'
+    )
+    results = {key: _count_and_accuracy(answer, key, form) for key in PLACEMENTS}
+    every = results["every_layer"][0]
+    found = [
+        (base, round(every / per_rank))
+        for base in SPAM_BASES
+        if (per_rank := sum(d_in + d_out for _, d_in, d_out in _adapted_layers(base, None)[0]))
+        and every % per_rank == 0
+        and every > 0
+    ]
+    _need(
+        bool(found),
+        "every_layer: trainable parameters",
+        "r (d_in + d_out) summed over every linear layer, for some rank r",
+        every,
+        _lora_count_hint(every, 16, (None,)),
+    )
+    base, rank = found[0]
+    for key in ("attention", "feed_forward"):
+        _lora_base(results[key][0], rank, PLACEMENTS[key], f"{key}: trainable parameters at rank {rank}")
+    best = max(results, key=lambda key: results[key][1] / results[key][0])
+    _need(
+        _field(answer, "best", form) == best,
+        "best",
+        "the placement with the highest test accuracy divided by trainable parameters (from your numbers)",
+        answer["best"],
+        "divide each accuracy by its number of trainable parameters; the highest accuracy alone is not per parameter.",
+    )
+    return f"the counts match rank-{rank} adapters on {base}, and {best!r} gives the most accuracy per parameter."
+
+
+@exercise("appendix_E.3", "alpha")
+def _alpha(answer) -> str:
+    form = '{"scale": {1: scale, 16: ..., 256: ...}, "lr_at_scale_1": {1: learning rate, 256: ...}}'
+    rank, lr = 16, 1e-3
+    scales = _field(answer, "scale", form)
+    for alpha in (1, 16, 256):
+        given = _number(
+            _field(scales, alpha, form), f"scale at alpha={alpha}", f"write the answer as {form}."
+        )
+        _need(
+            math.isclose(given, alpha / rank, rel_tol=1e-3),
+            f"the adapter's scale at rank {rank}, alpha={alpha}",
+            "the factor the update x A B is multiplied by",
+            given,
+            "LoRA here multiplies by alpha / r (the book's code by alpha alone); alpha = r means scale 1.",
+        )
+    equivalents = _field(answer, "lr_at_scale_1", form)
+    for alpha in (1, 256):
+        scale = alpha / rank
+        given = _number(
+            _field(equivalents, alpha, form),
+            f"lr_at_scale_1 for alpha={alpha}",
+            f"write the answer as {form}.",
+        )
+        hint = (
+            "Adam divides each gradient by a running estimate of its size: a larger scale does not make larger "
+            "steps on A and B, it makes each step count scale times more in the output."
+            if math.isclose(given, lr * scale**2, rel_tol=0.05)
+            else "a step of A and B moves the output scale times as far: a larger scale acts like a larger learning rate."
+        )
+        _need(
+            math.isclose(given, lr * scale, rel_tol=0.05),
+            f"the learning rate at scale 1 that acts like lr {lr:g} at alpha={alpha} (Adam, first order, 5% tolerance)",
+            "the learning rate with the same effect per step on the output",
+            given,
+            hint,
+        )
+    return "the scales are alpha / r, and with Adam the product scale x learning rate is what matters."
+
+
+def _tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return make_classifier(GPTModel(_tiny_config(emb_dim=64, n_layers=2))).eval()
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return classifier_logits(model, ids)
+
+
+def _tensor_bytes(module: torch.nn.Module, frozen_only: bool = True) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if not (frozen_only and t.requires_grad))
+
+
+@exercise("appendix_E.4", "QLoRA's idea, in int8")
+def _int8_base(quantize_with_lora) -> str:
+    model = _tiny_classifier()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    float_bytes = sum(_tensor_bytes(m, frozen_only=False) for m in linears.values())
+    generator = torch.Generator().manual_seed(1)
+    ids, labels = (
+        torch.randint(0, 97, (8, 12), generator=generator),
+        torch.randint(0, 2, (8,), generator=generator),
+    )
+    float_logits = _logits(model, ids)
+    case = "quantize_with_lora(a 2-block GPT classifier of 64 dims, rank=4, alpha=8)"
+    quantized = copy.deepcopy(model)
+    count = _call(quantize_with_lora, case, quantized, 4, 8)
+    trainable = [p for p in quantized.parameters() if p.requires_grad]
+    expected = 4 * sum(m.in_features + m.out_features for m in linears.values())
+    _need(
+        sum(p.numel() for p in trainable) == expected,
+        f"{case}: parameters with requires_grad=True",
+        f"{expected:,}: the rank-4 adapters of its {len(linears)} linear layers, nothing else",
+        sum(p.numel() for p in trainable),
+        "freeze the whole model; only the adapters' A and B train, r (d_in + d_out) per linear layer.",
+    )
+    _need(
+        count == expected,
+        f"{case}: the count it returns",
+        "the number of trainable parameters",
+        count,
+        "return the number of parameters with requires_grad=True.",
+    )
+    int8_bytes = sum(_tensor_bytes(quantized.get_submodule(name)) for name in linears)
+    _need(
+        int8_bytes <= 0.4 * float_bytes,
+        f"{case}: bytes of the frozen tensors in the linear layers",
+        f"at most 40% of the {float_bytes:,} bytes they take in float32 (1 byte per weight and a scale per row)",
+        int8_bytes,
+        "store each weight as int8 with one float scale per output row, and keep no float copy of the weight.",
+    )
+    adapted_logits = _call(_logits, f"{case}: the logits of the model it returns", quantized, ids)
+    without_adapters = copy.deepcopy(quantized)
+    with torch.no_grad():
+        for param in without_adapters.parameters():
+            if param.requires_grad:
+                param.zero_()
+    added = (adapted_logits - _logits(without_adapters, ids)).abs().max().item()
+    _need(
+        added <= 1e-6,
+        f"{case}: the logits before training, with and without the adapters",
+        "the same (the adapters add nothing yet)",
+        added,
+        "B starts at zero, so a fresh adapter leaves the outputs as they were.",
+    )
+    moved, size = (adapted_logits - float_logits).abs().max().item(), float_logits.abs().max().item()
+    _need(
+        moved <= 0.05 * size,
+        f"{case}: the largest logit change from quantization",
+        f"at most 5% of the largest logit ({size:.3f})",
+        moved,
+        "round weight / scale to an integer in -127..127 with scale = the row's largest |weight| / 127, and "
+        "multiply by the scale again when computing.",
+    )
+    quantized.train()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = _call(classification_loss, f"{case}: a training step", ids, labels, quantized, "cpu")
+        optimizer.zero_grad()
+        _call(loss.backward, f"{case}: loss.backward()")
+        optimizer.step()
+        losses.append(loss.item())
+    _need(
+        losses[-1] < losses[0],
+        f"{case}: the classification loss over 5 AdamW steps on one batch",
+        "falling",
+        [round(loss, 4) for loss in losses],
+        "the gradient must reach A and B: compute the base product with the dequantized weight inside forward.",
+    )
+    return f"int8 base ({int8_bytes / float_bytes:.0%} of float32), logits within {moved:.1e}, B = 0 at the start, and the adapters train."
+
+
+@exercise("appendix_E.5", "train the head, adapt the rest")
+def _train_the_head(adapt) -> str:
+    model = _tiny_classifier()
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    block_layers = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.startswith("trf_blocks")
+    ]
+    per_rank = sum(m.in_features + m.out_features for m in block_layers)
+    head_count = count_parameters(model.out_head)
+    case = "adapt_blocks_train_head(a 2-block GPT classifier of 64 dims)"
+    count = _call(adapt, case, model)
+    head = model.out_head
+    _need(
+        isinstance(head, torch.nn.Linear),
+        f"{case}: the 2-class head",
+        "a plain nn.Linear (no adapter)",
+        type(head).__name__,
+        "leave the head out of the targets: it trains in full, and an adapter on it would count its parameters twice.",
+    )
+    _need(
+        all(p.requires_grad for p in head.parameters()),
+        f"{case}: the head's weight and bias",
+        "requires_grad=True",
+        [p.requires_grad for p in head.parameters()],
+        "apply_lora freezes the whole model: make the head trainable after it.",
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapters = trainable - head_count
+    _need(
+        adapters > 0 and adapters % per_rank == 0,
+        f"{case}: trainable parameters besides the head",
+        f"rank r adapters on the blocks' linear layers: r x {per_rank:,}",
+        adapters,
+        "adapt every linear layer of the blocks (attention and feed-forward) and train nothing else but the head.",
+    )
+    _need(
+        count == trainable,
+        f"{case}: the count it returns",
+        "the number of trainable parameters",
+        count,
+        "return the number of parameters with requires_grad=True.",
+    )
+    moved = (_call(_logits, f"{case}: the logits after adapting", model, ids) - before).abs().max().item()
+    _need(
+        moved <= 1e-6,
+        f"{case}: the logits before training",
+        "those of the model before adapting",
+        moved,
+        "B starts at zero, so adapting alone changes no output.",
+    )
+    return f"the head trains in full ({head_count} parameters) and rank-{adapters // per_rank} adapters cover the blocks."

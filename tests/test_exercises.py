@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from shared import lora
 from shared.attention import MultiHeadAttention
 from shared.checkpoint import load_checkpoint
 from shared.classification import prepare_spam_splits, read_split
@@ -367,6 +368,78 @@ def freeze_all_but_last(model, num_blocks, first=False, final_norm=True):
     return model
 
 
+class Int8Linear(nn.Module):
+    """A frozen linear layer kept as integers with one scale per output row (the exercise's base layer)."""
+
+    def __init__(self, linear, use_scale=True, keep_float=False, dtype=torch.int8):
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127
+        self.register_buffer("weight_q", torch.round(weight / scale).to(dtype))
+        self.register_buffer("scale", scale if use_scale else torch.ones_like(scale))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.float_copy = linear if keep_float else None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return F.linear(x, self.weight_q.to(x.dtype) * self.scale, self.bias)
+
+
+class Int8WithLoRA(nn.Module):
+    def __init__(self, linear, rank, alpha, b_random=False, **options):
+        super().__init__()
+        self.base = Int8Linear(linear, **options)
+        self.lora = lora.LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if b_random:
+            nn.init.normal_(self.lora.B)
+
+    def forward(self, x):
+        return self.base(x) + self.lora(x)
+
+
+def quantize_with_lora(model, rank, alpha, freeze=True, **options):
+    if freeze:
+        model.requires_grad_(False)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Int8WithLoRA(module, rank, alpha, **options))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapt_blocks_train_head(model, targets=("attention", "feed_forward"), unfreeze_head_after=True):
+    if not unfreeze_head_after:
+        model.out_head.requires_grad_(True)  # undone: apply_lora freezes the whole model
+    lora.apply_lora(model, 16, 16, targets=list(targets) if targets else None)
+    if unfreeze_head_after:
+        model.out_head.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# The appendix's stand-in classifier: 2 blocks of 64 dims and a 2-class head. Per rank, the adapters on
+# every linear layer hold sum(d_in + d_out) = 2 x (256 + 128 + 320 + 320) + 66 parameters.
+STANDIN_PER_RANK = 2 * (256 + 128 + 320 + 320) + 66
+STANDIN_D_IN_PER_RANK = 2 * (64 + 64 + 64 + 256) + 64
+GPT2_SMALL_PER_RANK = 2_371_616 // 16  # the appendix's count at rank 16
+
+
+def rank_sweep(per_rank=STANDIN_PER_RANK, accuracy_scale=1.0):
+    accuracies = {1: 0.8333, 16: 0.83, 64: 0.84}
+    return {rank: (rank * per_rank, accuracy * accuracy_scale) for rank, accuracy in accuracies.items()}
+
+
+def placements(attention=13_344, best=None):
+    answer = {"attention": (attention, 0.8133), "feed_forward": (21_536, 0.79), "every_layer": (33_824, 0.83)}
+    return {**answer, "best": best or max(answer, key=lambda key: answer[key][1] / answer[key][0])}
+
+
+def alpha_answer(scale=lambda alpha: alpha / 16, lr=lambda s: 1e-3 * s):
+    return {
+        "scale": {alpha: scale(alpha) for alpha in (1, 16, 256)},
+        "lr_at_scale_1": {alpha: lr(alpha / 16) for alpha in (1, 256)},
+    }
+
+
 RIGHT = {
     "ch02.1": [windows_answer],
     "ch02.2": [hello_answer],
@@ -429,6 +502,11 @@ RIGHT = {
     "appendix_D.2": [lambda: {"by_norm": 1.0, "by_value": 0.558}],
     "appendix_D.3": [warmup_answer, lambda: warmup_answer(steps_for=lambda b: math.ceil(27 * 2 / b))],
     "appendix_D.4": [phase_two],
+    "appendix_E.1": [rank_sweep, lambda: rank_sweep(per_rank=GPT2_SMALL_PER_RANK)],
+    "appendix_E.2": [placements, lambda: {**placements(), "attention": (13_344 - 16 * 66, 0.8133)}],
+    "appendix_E.3": [alpha_answer],
+    "appendix_E.4": [lambda: quantize_with_lora],
+    "appendix_E.5": [lambda: adapt_blocks_train_head],
 }
 
 # (exercise id, a wrong answer, a fragment of the hint it must get)
@@ -570,6 +648,25 @@ WRONG = [
     ("appendix_D.4", lambda: phase_two(initial_lr=0.0), "starts where the first ended"),
     ("appendix_D.4", lambda: phase_two(peak_lr=1e-3), "new peak, 5e-4"),
     ("appendix_D.4", lambda: phase_two(linear=True), "half a cosine"),
+    ("appendix_E.1", lambda: rank_sweep(per_rank=STANDIN_D_IN_PER_RANK), "not r x d"),
+    ("appendix_E.1", lambda: rank_sweep(per_rank=STANDIN_PER_RANK + 2 * 2 * 64), "one fused layer"),
+    ("appendix_E.1", lambda: rank_sweep(accuracy_scale=100), "not percentages"),
+    ("appendix_E.2", lambda: placements(best="every_layer"), "divide each accuracy"),
+    ("appendix_E.2", lambda: placements(attention=13_344 + 16 * 2 * 2 * 64), "one fused layer"),
+    ("appendix_E.3", lambda: alpha_answer(scale=lambda alpha: alpha), "alpha / r"),
+    ("appendix_E.3", lambda: alpha_answer(lr=lambda s: 1e-3 * s**2), "Adam divides each gradient"),
+    ("appendix_E.3", lambda: alpha_answer(lr=lambda s: 1e-3 / s), "acts like a larger learning rate"),
+    ("appendix_E.4", lambda: functools.partial(quantize_with_lora, b_random=True), "B starts at zero"),
+    ("appendix_E.4", lambda: functools.partial(quantize_with_lora, use_scale=False), "multiply by the scale"),
+    ("appendix_E.4", lambda: functools.partial(quantize_with_lora, keep_float=True), "no float copy"),
+    ("appendix_E.4", lambda: functools.partial(quantize_with_lora, dtype=torch.float16), "as int8"),
+    ("appendix_E.4", lambda: functools.partial(quantize_with_lora, freeze=False), "freeze the whole model"),
+    ("appendix_E.5", lambda: functools.partial(adapt_blocks_train_head, targets=None), "parameters twice"),
+    (
+        "appendix_E.5",
+        lambda: functools.partial(adapt_blocks_train_head, unfreeze_head_after=False),
+        "trainable after it",
+    ),
 ]
 
 RIGHT_CASES = [(exercise_id, make) for exercise_id, makers in RIGHT.items() for make in makers]
@@ -618,6 +715,8 @@ def stub(*args, **kwargs):
         "ch07.3",
         "ch07.4",
         "appendix_D.1",
+        "appendix_E.4",
+        "appendix_E.5",
     ],
 )
 def test_a_function_stub_is_not_answered_yet(exercise_id, capsys):

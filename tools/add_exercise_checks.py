@@ -29,7 +29,7 @@ from exercise_cells import PLACEHOLDERS, SOLUTION_CHECKS
 
 from shared.exercises import EXERCISES
 
-CHAPTERS = ["ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "appendix_A", "appendix_D"]
+CHAPTERS = ["ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "appendix_A", "appendix_D", "appendix_E"]
 IMPORT = "from shared.exercises import check"
 EXERCISES_HEADING = re.compile(r"^(#+)\s*(\d+\.\s*)?Exercises\b")
 ITEM = re.compile(r"^(\d+)\.\s+(.*)")

@@ -215,6 +215,33 @@ answer = {4: (..., ...), 8: (..., ...), 16: (..., ...)}
 # The 100 learning rates of the second phase, one per step (list).
 answer = [...]
 """,
+    "appendix_E.1": """
+# For each rank (alpha = rank, LoRA on every linear layer): (trainable parameters, test accuracy
+# as a fraction).
+answer = {1: (..., ...), 16: (..., ...), 64: (..., ...)}
+""",
+    "appendix_E.2": """
+# For each placement, all at one rank: (trainable parameters, test accuracy as a fraction), and
+# "best": the key of the placement with the most test accuracy per trainable parameter.
+answer = {"attention": (..., ...), "feed_forward": (..., ...), "every_layer": (..., ...), "best": ...}
+""",
+    "appendix_E.3": """
+# At rank 16: the scale the update is multiplied by for each alpha, and, for alpha = 1 and 256 at
+# learning rate 1e-3, the learning rate at scale 1 that acts the same with Adam (to first order).
+answer = {"scale": {1: ..., 16: ..., 256: ...}, "lr_at_scale_1": {1: ..., 256: ...}}
+""",
+    "appendix_E.4": """
+def quantize_with_lora(model, rank, alpha):
+    # Replace every nn.Linear of model by a frozen int8 version (one scale per output row) with a
+    # LoRA adapter on top; freeze everything else; return the number of trainable parameters.
+    raise NotImplementedError
+""",
+    "appendix_E.5": """
+def adapt_blocks_train_head(model):
+    # Put LoRA adapters on the transformer blocks' linear layers, let the 2-class head train in
+    # full, and return the number of trainable parameters.
+    raise NotImplementedError
+""",
 }
 
 SOLUTION_CHECKS = {
@@ -474,5 +501,24 @@ check("appendix_D.3", steps_and_fractions);
 """,
     "appendix_D.4": """
 check("appendix_D.4", phase2);
+""",
+    "appendix_E.1": """
+check("appendix_E.1", {rank: (by_rank[f"r={rank}"]["trainable"], by_rank[f"r={rank}"]["test"]) for rank in ranks});
+""",
+    "appendix_E.2": """
+keys = {"attention": "attention + head", "feed_forward": "feed-forward + head", "every_layer": "every linear layer"}
+placement_answer = {key: (by_placement[name]["trainable"], by_placement[name]["test"]) for key, name in keys.items()}
+best = max(placement_answer, key=lambda key: placement_answer[key][1] / placement_answer[key][0])
+check("appendix_E.2", {**placement_answer, "best": best});
+""",
+    "appendix_E.3": """
+rank, lr = 16, 1e-3  # Adam: what matters is scale x learning rate
+check("appendix_E.3", {"scale": {a: a / rank for a in (1, 16, 256)}, "lr_at_scale_1": {a: lr * a / rank for a in (1, 256)}});
+""",
+    "appendix_E.4": """
+check("appendix_E.4", quantize_with_lora);
+""",
+    "appendix_E.5": """
+check("appendix_E.5", adapt_blocks_train_head);
 """,
 }
