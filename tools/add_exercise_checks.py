@@ -198,7 +198,13 @@ def add_to_solutions(notebook: dict, ids: dict[int, str]) -> list[str]:
             done.append(f"WARNING: no solution code found for {exercise_id}")
             continue
         imported = any(IMPORT in source(c) for c in cells)
-        text = SOLUTION_CHECKS[exercise_id].strip()
+        # A solution that fails its own check must fail the notebook's run (nbval), not just print ✗.
+        text = re.sub(
+            r"^check\((.*)\);\Z",
+            r'assert check(\1), "the solution fails its check"',
+            SOLUTION_CHECKS[exercise_id].strip(),
+            flags=re.M | re.S,
+        )
         gap = "\n\n\n" if text.startswith(("def ", "class ")) else "\n\n"  # as ruff's isort wants
         text = text if imported else f"{IMPORT}{gap}{text}"
         cells.insert(codes[-1] + 1, cell("code", text, f"{exercise_id}:solution-check"))

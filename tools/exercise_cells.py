@@ -117,7 +117,7 @@ answer = {1e-4: ..., 4e-4: ..., 1e-3: ...}
 answer = {"gpt2": ..., "pytorch": ...}
 """,
     "ch06.1": """
-# The trainable_blocks you used (2; 0 or "all" with the stand-in model) and how many parameters trained.
+# The trainable_blocks you used (2, the last two blocks) and how many parameters trained.
 answer = {"trainable_blocks": ..., "trainable_parameters": ...}
 """,
     "ch06.2": """
@@ -377,10 +377,7 @@ for scheme in ("gpt2", "pytorch"):
 check("ch05.8", embedding_stds);
 """,
     "ch06.1": """
-if PRETRAINED:
-    check("ch06.1", {"trainable_blocks": 2, "trainable_parameters": results["last two blocks"]["trainable"]})
-else:
-    check("ch06.1", {"trainable_blocks": 0, "trainable_parameters": results["head only"]["trainable"]})
+check("ch06.1", {"trainable_blocks": 2, "trainable_parameters": results["last two blocks"]["trainable"]});
 """,
     "ch06.2": """
 check("ch06.2", {
