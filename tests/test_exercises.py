@@ -754,7 +754,7 @@ import add_exercise_checks as tool  # noqa: E402  (the tool lives in tools/, not
 from exercise_cells import PLACEHOLDERS, SOLUTION_CHECKS  # noqa: E402
 
 # Set to True once tools/add_exercise_checks.py --write has run on the repository's notebooks.
-EXERCISE_CHECKS_INSERTED = False
+EXERCISE_CHECKS_INSERTED = True
 CHAPTER_NOTEBOOKS = sorted(
     p
     for p in ROOT.glob("*/*.ipynb")
@@ -826,7 +826,12 @@ def test_the_tool_puts_the_check_after_the_solutions_last_code_cell_once():
     notebook["cells"].insert(3, {"cell_type": "markdown", "source": ["Because."], "metadata": {}})
     assert tool.add_to_solutions(notebook, {1: "ch02.1"}) == ["check cell for ch02.1"]
     sources = [tool.source(c) for c in notebook["cells"]]
-    assert sources[3] == f"{tool.IMPORT}\n\n{SOLUTION_CHECKS['ch02.1'].strip()}" and sources[4] == "Because."
+    solution_check = SOLUTION_CHECKS["ch02.1"].strip().replace(
+        'check("ch02.1", windows_and_overlap);',
+        'assert check("ch02.1", windows_and_overlap), "the solution fails its check"',
+    )
+    assert sources[3] == f"{tool.IMPORT}\n\n{solution_check}" and sources[4] == "Because."
+    assert sources[3] != f"{tool.IMPORT}\n\n{SOLUTION_CHECKS['ch02.1'].strip()}"  # a failing solution must fail the run
     assert tool.add_to_solutions(notebook, {1: "ch02.1"}) == []
 
 
