@@ -285,7 +285,7 @@ class BatchingEngine:
             mask[row, width - len(request.prompt_ids) :] = 1
         idx, mask = idx.to(self.device), mask.to(self.device)
         cache = self.model.new_cache()
-        logits = self.model(idx, cache=cache, attention_mask=mask)[:, -1, :]
+        logits = self.model(idx, cache=cache, attention_mask=mask, last_only=True)[:, -1, :]
         newcomers = self._deliver(RunningBatch(requests, cache, mask, self._pick(requests, logits)))
         if self._batch is None:
             self._batch = newcomers
