@@ -44,18 +44,15 @@ class KVCache:
     def keys(self) -> torch.Tensor | None:
         return None if self._keys is None else self._keys[:, :, : self._length]
 
-    @keys.setter
-    def keys(self, keys: torch.Tensor) -> None:
-        # Replacing the keys (beam search and the server reorder rows) replaces the values too.
-        self._keys, self._length = keys, keys.shape[2]
-
     @property
     def values(self) -> torch.Tensor | None:
         return None if self._values is None else self._values[:, :, : self._length]
 
-    @values.setter
-    def values(self, values: torch.Tensor) -> None:
-        self._values, self._length = values, values.shape[2]
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys`` and ``values`` instead (beam search reorders rows, the server merges batches)."""
+        if keys.shape[2] != values.shape[2]:
+            raise ValueError(f"keys and values must hold as many tokens, got {keys.shape[2]} and {values.shape[2]}.")
+        self._keys, self._values, self._length = keys, values, keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens' keys and values; return those of all tokens so far."""

@@ -178,8 +178,7 @@ def sequence_logprob(model: GPTModel, ids: torch.Tensor, prompt_length: int) -> 
 def _reorder_cache(cache, beam_index: torch.Tensor) -> None:
     # Each surviving beam continues one of the previous beams: give it that beam's keys and values.
     for layer in cache:
-        layer.keys = layer.keys.index_select(0, beam_index)
-        layer.values = layer.values.index_select(0, beam_index)
+        layer.replace(layer.keys.index_select(0, beam_index), layer.values.index_select(0, beam_index))
 
 
 @torch.no_grad()

@@ -308,16 +308,20 @@ def test_cache_written_in_place_equals_concatenation_across_its_growth(chunks, m
     assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
 
 
-def test_cache_appends_after_its_rows_were_replaced():
-    # beam search and the server replace the cached tensors (reordered or merged rows)
+@pytest.mark.parametrize("replaced_tokens", [1, 3, 6])  # fewer, as many and more than the cache held
+def test_cache_appends_after_its_tensors_were_replaced(replaced_tokens):
+    # beam search reorders the cached rows, the server merges batches and cuts padding columns
     cache = KVCache()
-    keys = torch.randn(2, 3, 5, 4)
-    cache.append(keys[:, :, :4], keys[:, :, :4])
-    cache.keys, cache.values = cache.keys.flip(0), cache.values.flip(0)
-    cache.append(keys[:, :, 4:], keys[:, :, 4:])
-    expected = torch.cat((keys[:, :, :4].flip(0), keys[:, :, 4:]), dim=2)
-    assert len(cache) == 5
-    assert torch.equal(cache.keys, expected) and torch.equal(cache.values, expected)
+    cache.append(torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4))  # leaves room for 6 tokens
+    keys, values = torch.randn(2, 3, replaced_tokens + 2, 4), torch.randn(2, 3, replaced_tokens + 2, 4)
+    cache.replace(keys[:, :, :replaced_tokens].flip(0), values[:, :, :replaced_tokens].flip(0))
+    assert len(cache) == replaced_tokens
+    cache.append(keys[:, :, replaced_tokens:], values[:, :, replaced_tokens:])
+    assert len(cache) == replaced_tokens + 2
+    flipped_first = torch.cat((keys[:, :, :replaced_tokens].flip(0), keys[:, :, replaced_tokens:]), dim=2)
+    assert torch.equal(cache.keys, flipped_first)
+    flipped_first = torch.cat((values[:, :, :replaced_tokens].flip(0), values[:, :, replaced_tokens:]), dim=2)
+    assert torch.equal(cache.values, flipped_first)
 
 
 def test_cache_refuses_more_tokens_than_its_max_tokens():
