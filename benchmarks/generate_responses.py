@@ -14,14 +14,15 @@ book's model, and checked to give the same tokens) separate the two effects:
 
 A GPT-2-small-shaped model with random weights (the speed does not depend on the values),
 the first ``--prompts`` formatted test prompts of the instruction data (default 8), ``--new-tokens``
-new tokens each (default 64), greedy, and no end-of-text stop, so every row runs the full length. Each run is
-timed once per round after a warm-up (the two runs without a cache answer only the first
-``SLOW_PROMPTS`` prompts, and their time is scaled to all prompts), the runs interleaved (their order rotating from round to
-round), and the median over rounds reported.
+new tokens each (default 64), greedy, and no end-of-text stop, so every row runs the full
+length. Each run is timed once per round after a warm-up (the two runs without a cache answer
+only the first ``--slow-prompts`` prompts, and their time is scaled to all prompts), the runs
+interleaved (their order rotating from round to round), and the median over rounds reported.
 
 Run from the repository root: ``python benchmarks/generate_responses.py`` (``--threads 1`` on
 a busy machine; ``--prompts 4 --new-tokens 32`` for the smaller case). Writes
-benchmarks/results/generate_responses.json, or the file given with ``--out``. ``LLMS_QUICK=1`` shrinks everything to a smoke test.
+benchmarks/results/generate_responses.json, or the file given with ``--out``. ``LLMS_QUICK=1``
+shrinks everything to a smoke test.
 """
 
 from __future__ import annotations

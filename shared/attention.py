@@ -51,7 +51,9 @@ class KVCache:
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Hold ``keys`` and ``values`` instead (beam search reorders rows, the server merges batches)."""
         if keys.shape[2] != values.shape[2]:
-            raise ValueError(f"keys and values must hold as many tokens, got {keys.shape[2]} and {values.shape[2]}.")
+            raise ValueError(
+                f"keys and values must hold as many tokens, got {keys.shape[2]} and {values.shape[2]}."
+            )
         self._keys, self._values, self._length = keys, values, keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +82,7 @@ class KVCache:
         if old_keys is not None:
             self._keys[:, :, : self._length] = old_keys
             self._values[:, :, : self._length] = old_values
+
 
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention on (batch, tokens, d_in) inputs.

@@ -293,7 +293,8 @@ def test_a_mask_without_padding_gives_the_same_logits_as_no_mask():
     model = tiny_model()
     idx = torch.randint(0, TINY["vocab_size"], (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, attention_mask=torch.ones_like(idx)), model(idx), atol=1e-5, rtol=0)
+        with_mask = model(idx, attention_mask=torch.ones_like(idx))
+        torch.testing.assert_close(with_mask, model(idx), atol=1e-5, rtol=0)
 
 
 def test_the_models_cache_refuses_tokens_past_the_context_length():
