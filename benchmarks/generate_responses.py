@@ -13,14 +13,16 @@ book's model, and checked to give the same tokens) separate the two effects:
 4. ours, all prompts in one left-padded batch, KV cache: 3 -> 4 is batching's share.
 
 A GPT-2-small-shaped model with random weights (the speed does not depend on the values),
-the first ``NUM_PROMPTS`` formatted test prompts of the instruction data, ``NEW_TOKENS`` new
-tokens each, greedy, and no end-of-text stop, so every row runs the full length. Each run is
-timed once per round after a warm-up (the two runs without a cache answer only the first
-``SLOW_PROMPTS`` prompts, and their time is scaled to all prompts), the runs interleaved (their order rotating from round to
-round), and the median over rounds reported.
+the first ``--prompts`` formatted test prompts of the instruction data (default 8), ``--new-tokens``
+new tokens each (default 64), greedy, and no end-of-text stop, so every row runs the full
+length. Each run is timed once per round after a warm-up (the two runs without a cache answer
+only the first ``--slow-prompts`` prompts, and their time is scaled to all prompts), the runs
+interleaved (their order rotating from round to round), and the median over rounds reported.
 
-Run from the repository root: ``python benchmarks/generate_responses.py``. Writes
-benchmarks/results/generate_responses.json. ``LLMS_QUICK=1`` shrinks everything to a smoke test.
+Run from the repository root: ``python benchmarks/generate_responses.py`` (``--threads 1`` on
+a busy machine; ``--prompts 4 --new-tokens 32`` for the smaller case). Writes
+benchmarks/results/generate_responses.json, or the file given with ``--out``. ``LLMS_QUICK=1``
+shrinks everything to a smoke test.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def main(argv=None):
         help=f"prompts the runs without a cache answer, scaled to all (default {SLOW_PROMPTS})",
     )
     parser.add_argument(
+        "--prompts", type=int, default=NUM_PROMPTS, help=f"test prompts to answer (default {NUM_PROMPTS})"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=NEW_TOKENS, help=f"new tokens per prompt (default {NEW_TOKENS})"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -88,9 +96,12 @@ def main(argv=None):
 
     tokenizer = get_gpt2_tokenizer()
     _, test, _ = split_entries(load_instruction_data())
-    prompts = [tokenizer.encode(format_prompt(entry)) for entry in test[:NUM_PROMPTS]]
+    if args.prompts < 1 or args.new_tokens < 1:
+        parser.error("--prompts and --new-tokens must be at least 1.")
+    new_tokens = args.new_tokens
+    prompts = [tokenizer.encode(format_prompt(entry)) for entry in test[: args.prompts]]
     lengths = [len(ids) for ids in prompts]
-    print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {NEW_TOKENS} new tokens each")
+    print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens each")
 
     torch.manual_seed(0)
     ours = GPTModel(CFG).eval()
@@ -109,13 +120,13 @@ def main(argv=None):
 
     def run_book():
         return [
-            book_generate(book, torch.tensor([ids]), NEW_TOKENS, context)[0, len(ids) :].tolist()
+            book_generate(book, torch.tensor([ids]), new_tokens, context)[0, len(ids) :].tolist()
             for ids in prompts[:slow]
         ]
 
     def run_ours_one_at_a_time(use_cache):
         return [
-            generate(ours, torch.tensor([ids]), NEW_TOKENS, use_cache=use_cache)[0, len(ids) :].tolist()
+            generate(ours, torch.tensor([ids]), new_tokens, use_cache=use_cache)[0, len(ids) :].tolist()
             for ids in (prompts if use_cache else prompts[:slow])
         ]
 
@@ -123,7 +134,7 @@ def main(argv=None):
         "ours, one at a time, no cache": lambda: run_ours_one_at_a_time(False),
         "ours, one at a time, KV cache": lambda: run_ours_one_at_a_time(True),
         "ours, batched (left padding), KV cache": lambda: generate_batch_ids(
-            ours, prompts, NEW_TOKENS, eos_id=None
+            ours, prompts, new_tokens, eos_id=None
         ),
     }
     if book is not None:
@@ -154,7 +165,7 @@ def main(argv=None):
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     slowest = medians.get("book: GPTModel + generate, one at a time, no cache")
-    tokens = NEW_TOKENS * len(prompts)
+    tokens = new_tokens * len(prompts)
     rows = []
     for name, seconds in medians.items():
         rows.append(
@@ -179,7 +190,7 @@ def main(argv=None):
     }
 
     print(
-        f"\n{len(prompts)} prompts, {NEW_TOKENS} new tokens each, float32, CPU ({torch.get_num_threads()} threads)"
+        f"\n{len(prompts)} prompts, {new_tokens} new tokens each, float32, CPU ({torch.get_num_threads()} threads)"
     )
     print("| run | prompts timed | seconds for all | new tokens/s | speed-up vs book |")
     print("|---|---:|---:|---:|---:|")
@@ -195,7 +206,7 @@ def main(argv=None):
         "config": CFG,
         "num_prompts": len(prompts),
         "prompt_tokens": lengths,
-        "new_tokens": NEW_TOKENS,
+        "new_tokens": new_tokens,
         "slow_prompts": slow,
         "rounds": args.rounds,
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -23,24 +23,65 @@ from torch import nn
 class KVCache:
     """Keys and values of the tokens one attention layer has already seen.
 
-    Each tensor has shape (batch, heads, tokens so far, head_dim).
+    ``keys`` and ``values`` have shape (batch, heads, tokens so far, head_dim).
+
+    Why the buffers: appending with ``torch.cat`` would allocate a new tensor and copy every
+    cached key and value at each generated token. Instead the cache keeps buffers with room to
+    spare and writes the new tokens into them in place; ``keys`` and ``values`` are views of the
+    filled part. A full buffer doubles (up to ``max_tokens``), so the copies are few.
     """
 
-    def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens  # the model's context length: a position past it has no embedding
+        self._keys: torch.Tensor | None = None  # buffers (batch, heads, room, head_dim)
+        self._values: torch.Tensor | None = None
+        self._length = 0
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self._length
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :, : self._length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[:, :, : self._length]
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys`` and ``values`` instead (beam search reorders rows, the server merges batches)."""
+        if keys.shape[2] != values.shape[2]:
+            raise ValueError(
+                f"keys and values must hold as many tokens, got {keys.shape[2]} and {values.shape[2]}."
+            )
+        self._keys, self._values, self._length = keys, values, keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens' keys and values; return those of all tokens so far."""
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat((self.keys, keys), dim=2)
-            self.values = torch.cat((self.values, values), dim=2)
+        start, end = self._length, self._length + keys.shape[2]
+        if self.max_tokens is not None and end > self.max_tokens:
+            raise ValueError(
+                f"the cache holds at most {self.max_tokens} tokens (the context length), and "
+                f"{end} would not fit; start a new cache or crop the sequence."
+            )
+        if self._keys is None or end > self._keys.shape[2]:
+            self._grow(keys, values, room=end * 2)
+        self._keys[:, :, start:end] = keys
+        self._values[:, :, start:end] = values
+        self._length = end
         return self.keys, self.values
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """New buffers with ``room`` tokens (at most ``max_tokens``), the cached tokens copied in."""
+        if self.max_tokens is not None:
+            room = min(room, self.max_tokens)
+        old_keys, old_values = self.keys, self.values
+        batch, heads, _, head_dim = keys.shape
+        self._keys = keys.new_empty(batch, heads, room, head_dim)
+        self._values = values.new_empty(batch, heads, room, values.shape[3])
+        if old_keys is not None:
+            self._keys[:, :, : self._length] = old_keys
+            self._values[:, :, : self._length] = old_values
 
 
 class MultiHeadAttention(nn.Module):
@@ -72,12 +113,15 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = True,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend causally over ``x`` (batch, tokens, d_in), after the cached tokens if a cache is given.
 
         ``key_padding_mask`` (batch, cached + new tokens), True (or 1) for real tokens and False for
-        padding, keeps every query away from padded keys. A padded query still sees itself, so
-        its softmax is never empty (which would give NaN and spread through the cache).
+        padding, keeps every query away from padded keys (see :func:`padding_attention_mask`).
+
+        ``attn_mask``: the mask :func:`padding_attention_mask` builds, given instead of
+        ``key_padding_mask``, so that a model builds it once for all its layers.
 
         ``causal=False`` drops the causal mask: every query sees every real key (all keys when a
         row has no real token at all). It takes whole sequences, so no cache.
@@ -99,6 +143,11 @@ class MultiHeadAttention(nn.Module):
                 f"{past + num_tokens} tokens exceed the context length of {self.context_length}; "
                 "crop the input to the last context_length tokens."
             )
+        if key_padding_mask is not None:
+            if attn_mask is not None:
+                raise ValueError("give key_padding_mask or attn_mask (built from it), not both.")
+            _check_padding_mask(key_padding_mask, batch, past + num_tokens)
+            attn_mask = padding_attention_mask(key_padding_mask.to(x.device), past, num_tokens, causal)
 
         # (batch, tokens, 3 * d_out) -> 3 tensors of (batch, heads, tokens, head_dim)
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim)
@@ -107,17 +156,9 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.append(keys, values)
 
         dropout_p = self.dropout if self.training else 0.0
-        if not causal:
-            allowed = None
-            if key_padding_mask is not None:
-                allowed = self._padding_mask(key_padding_mask, batch, num_tokens, x.device)
+        if attn_mask is not None or not causal:
             context = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p
-            )
-        elif key_padding_mask is not None:
-            allowed = self._padded_causal_mask(key_padding_mask, batch, past, num_tokens, x.device)
-            context = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p
+                queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p
             )
         elif past == 0:
             # Square causal attention: SDPA builds the mask itself (or needs none at all).
@@ -137,27 +178,30 @@ class MultiHeadAttention(nn.Module):
         context = context.transpose(1, 2).reshape(batch, num_tokens, self.d_out)
         return self.out_proj(context)
 
-    @staticmethod
-    def _check_padding_mask(key_padding_mask, batch: int, total: int) -> None:
-        if tuple(key_padding_mask.shape) != (batch, total):
-            raise ValueError(
-                f"key_padding_mask must have shape (batch, cached + new tokens) = {(batch, total)}, "
-                f"got {tuple(key_padding_mask.shape)}."
-            )
 
-    def _padding_mask(self, key_padding_mask, batch, num_tokens, device) -> torch.Tensor:
-        """(batch, 1, 1, keys) bool: every real key; a row without any real key keeps all its keys."""
-        self._check_padding_mask(key_padding_mask, batch, num_tokens)
-        real_keys = key_padding_mask.to(device=device, dtype=torch.bool)
-        return (real_keys | ~real_keys.any(dim=1, keepdim=True))[:, None, None, :]
+def _check_padding_mask(key_padding_mask, batch: int, total: int) -> None:
+    if tuple(key_padding_mask.shape) != (batch, total):
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, cached + new tokens) = {(batch, total)}, "
+            f"got {tuple(key_padding_mask.shape)}."
+        )
 
-    def _padded_causal_mask(self, key_padding_mask, batch, past, num_tokens, device) -> torch.Tensor:
-        """(batch, 1, queries, keys) bool: causal, no padded keys, but always the query's own key."""
-        total = past + num_tokens
-        self._check_padding_mask(key_padding_mask, batch, total)
-        query_pos = torch.arange(past, total, device=device).unsqueeze(1)  # query i sits at past + i
-        key_pos = torch.arange(total, device=device).unsqueeze(0)
-        causal = key_pos <= query_pos
-        itself = key_pos == query_pos
-        real_keys = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        return causal & (real_keys | itself)
+
+def padding_attention_mask(
+    key_padding_mask: torch.Tensor, past: int, num_tokens: int, causal: bool = True
+) -> torch.Tensor:
+    """Which keys each new token may attend to when some tokens are padding: (batch, 1, queries, keys) bool.
+
+    ``key_padding_mask`` (batch, past + num_tokens) is True (or 1) for real tokens; the queries
+    are the last ``num_tokens`` of them. Causal: no query sees a later key or a padded one, but
+    each always sees its own key, so a padded query's softmax is never empty (which would give
+    NaN and spread through the cache). Not causal: every real key, and all keys for a row
+    without any real token.
+    """
+    real_keys = key_padding_mask.to(torch.bool)[:, None, None, :]
+    if not causal:
+        return real_keys | ~real_keys.any(dim=-1, keepdim=True)
+    total = past + num_tokens
+    query_pos = torch.arange(past, total, device=real_keys.device).unsqueeze(1)  # query i sits at past + i
+    key_pos = torch.arange(total, device=real_keys.device).unsqueeze(0)
+    return (key_pos <= query_pos) & (real_keys | (key_pos == query_pos))

@@ -140,12 +140,12 @@ def generate(
         if use_cache and idx.shape[1] <= context_length:
             if cache is None:  # first step: run the whole prompt and fill the cache
                 cache = model.new_cache()
-                logits = model(idx, cache=cache)
+                logits = model(idx, cache=cache, last_only=True)
             else:  # later steps: only the token added last
                 logits = model(idx[:, -1:], cache=cache)
         else:
             cache = None  # the window slides: recompute it whole
-            logits = model(idx[:, -context_length:])
+            logits = model(idx[:, -context_length:], last_only=True)
 
         next_id = next_token(logits[:, -1, :], temperature, top_k, top_p)
         if eos_id is not None:
@@ -178,8 +178,7 @@ def sequence_logprob(model: GPTModel, ids: torch.Tensor, prompt_length: int) -> 
 def _reorder_cache(cache, beam_index: torch.Tensor) -> None:
     # Each surviving beam continues one of the previous beams: give it that beam's keys and values.
     for layer in cache:
-        layer.keys = layer.keys.index_select(0, beam_index)
-        layer.values = layer.values.index_select(0, beam_index)
+        layer.replace(layer.keys.index_select(0, beam_index), layer.values.index_select(0, beam_index))
 
 
 @torch.no_grad()
@@ -229,12 +228,12 @@ def beam_search(
         if use_cache and beams.shape[1] <= context_length:
             if cache is None:
                 cache = model.new_cache()
-                logits = model(beams, cache=cache)
+                logits = model(beams, cache=cache, last_only=True)
             else:
                 logits = model(beams[:, -1:], cache=cache)
         else:
             cache = None
-            logits = model(beams[:, -context_length:])
+            logits = model(beams[:, -context_length:], last_only=True)
         logprobs = logits[:, -1, :].float().log_softmax(dim=-1)  # (beams, vocab)
 
         # Every (beam, token) extension, scored by the beam's total plus the token's log-prob.

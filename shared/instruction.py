@@ -300,7 +300,7 @@ def generate_batch_ids(
     finished = torch.zeros(len(lengths), dtype=torch.bool, device=device)
     new_tokens = []
     cache = model.new_cache()
-    logits = model(idx, cache=cache, attention_mask=mask)
+    logits = model(idx, cache=cache, attention_mask=mask, last_only=True)  # the prompt's last logits only
     for step in range(steps):
         next_id = next_token(logits[:, -1, :], temperature, top_k)  # (batch, 1)
         if eos_id is not None:

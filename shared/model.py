@@ -32,7 +32,7 @@ from typing import Literal, TypedDict
 import torch
 from torch import nn
 
-from shared.attention import KVCache, MultiHeadAttention
+from shared.attention import KVCache, MultiHeadAttention, padding_attention_mask
 from shared.tokenizer import GPT2_VOCAB_SIZE, check_token_ids
 
 # The four GPT-2 sizes. ``qkv_bias`` is False as in the book's ch04 model, which gives the
@@ -169,7 +169,7 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x: torch.Tensor, **attention) -> torch.Tensor:
-        """``attention``: the cache, key padding mask and causal flag for :class:`MultiHeadAttention`."""
+        """``attention``: the cache, attention mask and causal flag for :class:`MultiHeadAttention`."""
         x = x + self.drop_shortcut(self.att(self.norm1(x), **attention))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
@@ -228,7 +228,7 @@ class GPTModel(nn.Module):
 
     def new_cache(self) -> list[KVCache]:
         """An empty key/value cache, one per block, for :meth:`forward` (see shared.generate)."""
-        return [KVCache() for _ in self.trf_blocks]
+        return [KVCache(max_tokens=self.context_length) for _ in self.trf_blocks]
 
     def forward(
         self,
@@ -236,6 +236,7 @@ class GPTModel(nn.Module):
         cache: list[KVCache] | None = None,
         attention_mask: torch.Tensor | None = None,
         causal: bool = True,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (batch, tokens, vocab) for token ids ``idx`` (batch, tokens).
 
@@ -250,6 +251,10 @@ class GPTModel(nn.Module):
 
         ``causal=False`` lets every token attend to every real token, later ones included (ch06's
         bidirectional classifier); it needs no cache.
+
+        ``last_only=True`` returns the logits of the last position only, (batch, 1, vocab): all
+        that generation needs from a prompt. The output head is the model's widest layer, so
+        skipping it for the other positions saves much of a long prompt's time.
         """
         if idx.ndim != 2:
             raise ValueError(
@@ -260,7 +265,8 @@ class GPTModel(nn.Module):
         # accelerator every forward pass would wait for the device, and training could no longer
         # queue the next step's work ahead. There the ids are checked before they get to the
         # device: by the datasets (shared.dataloader) and once per prompt by shared.generate.
-        check_token_ids(idx, self.cfg["vocab_size"], check_range=idx.device.type == "cpu")
+        on_cpu = idx.device.type == "cpu"
+        check_token_ids(idx, self.cfg["vocab_size"], check_range=on_cpu)
         num_tokens = idx.shape[1]
         # With a cache, the new tokens continue where the cached ones stopped.
         start = len(cache[0]) if cache else 0
@@ -269,23 +275,29 @@ class GPTModel(nn.Module):
                 f"{start + num_tokens} tokens exceed the context length of {self.context_length}; "
                 "crop the input to its last context_length tokens."
             )
-        if attention_mask is None:
-            positions = torch.arange(start, start + num_tokens, device=idx.device)
-            key_padding_mask = None
-        else:
+        positions = torch.arange(start, start + num_tokens, device=idx.device)
+        attn_mask = None
+        if attention_mask is not None:
             if tuple(attention_mask.shape) != (idx.shape[0], start + num_tokens):
                 raise ValueError(
                     f"attention_mask must have shape (batch, cached + new tokens) = "
                     f"{(idx.shape[0], start + num_tokens)}, got {tuple(attention_mask.shape)}."
                 )
-            key_padding_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
-            # Positions count from each row's first real token; left padding sits at position 0.
-            first_real = key_padding_mask.int().argmax(dim=1, keepdim=True)
-            positions = (torch.arange(start, start + num_tokens, device=idx.device) - first_real).clamp(min=0)
+            real = attention_mask.to(device=idx.device, dtype=torch.bool)
+            # A mask without padding changes nothing: drop it, so attention keeps its mask-free
+            # kernels. (Asking is free on a CPU; an accelerator would have to report back.)
+            if not (on_cpu and bool(real.all())):
+                # Positions count from each row's first real token; left padding sits at position 0.
+                first_real = real.int().argmax(dim=1, keepdim=True)
+                positions = (positions - first_real).clamp(min=0)
+                # One mask for all the blocks, built here once rather than in every block.
+                attn_mask = padding_attention_mask(real, start, num_tokens, causal)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
             block_cache = cache[i] if cache else None
-            x = block(x, cache=block_cache, key_padding_mask=key_padding_mask, causal=causal)
+            x = block(x, cache=block_cache, attn_mask=attn_mask, causal=causal)
+        if last_only:
+            x = x[:, -1:, :]
         return self.out_head(self.final_norm(x))
 
 

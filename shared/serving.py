@@ -150,8 +150,10 @@ class RunningBatch:
         """Append ``other``'s rows, padding the narrower cache on the left to the same width."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache, other.cache, strict=True):
-            mine.keys = torch.cat((_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)))
-            mine.values = torch.cat((_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)))
+            mine.replace(
+                torch.cat((_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2))),
+                torch.cat((_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2))),
+            )
         self.mask = torch.cat((_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)))
         self.last_ids = torch.cat((self.last_ids, other.last_ids))
         self.requests += other.requests
@@ -160,14 +162,14 @@ class RunningBatch:
         """Keep only ``rows`` (in order), then cut the columns that are now padding everywhere."""
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         for layer in self.cache:
-            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            layer.replace(layer.keys.index_select(0, index), layer.values.index_select(0, index))
         self.mask, self.last_ids = self.mask.index_select(0, index), self.last_ids.index_select(0, index)
         self.requests = [self.requests[row] for row in rows]
         real_columns = self.mask.any(dim=0).nonzero()
         first = int(real_columns[0]) if len(real_columns) else self.mask.shape[1]
         if first > 0:
             for layer in self.cache:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                layer.replace(layer.keys[:, :, first:], layer.values[:, :, first:])
             self.mask = self.mask[:, first:]
 
 
@@ -285,7 +287,7 @@ class BatchingEngine:
             mask[row, width - len(request.prompt_ids) :] = 1
         idx, mask = idx.to(self.device), mask.to(self.device)
         cache = self.model.new_cache()
-        logits = self.model(idx, cache=cache, attention_mask=mask)[:, -1, :]
+        logits = self.model(idx, cache=cache, attention_mask=mask, last_only=True)[:, -1, :]
         newcomers = self._deliver(RunningBatch(requests, cache, mask, self._pick(requests, logits)))
         if self._batch is None:
             self._batch = newcomers

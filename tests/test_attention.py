@@ -286,6 +286,52 @@ def test_cached_chunked_forward_equals_one_full_forward(chunks, num_heads):
     assert cache.keys.shape == cache.values.shape == (2, num_heads, 7, 12 // num_heads)
 
 
+@pytest.mark.parametrize("max_tokens", [None, 9])
+@pytest.mark.parametrize("chunks", [[1] * 9, [3, 1, 1, 4], [2, 5, 1, 1], [9]])
+def test_cache_written_in_place_equals_concatenation_across_its_growth(chunks, max_tokens):
+    cache = KVCache(max_tokens=max_tokens)
+    keys = torch.randn(2, 3, sum(chunks), 4)
+    values = torch.randn(2, 3, sum(chunks), 4)
+    concatenated_keys = concatenated_values = None  # the cache as ch04 first writes it, with torch.cat
+    start = 0
+    for size in chunks:  # a first chunk of 1 leaves room for 2 tokens: the buffers grow several times
+        new_keys, new_values = keys[:, :, start : start + size], values[:, :, start : start + size]
+        got_keys, got_values = cache.append(new_keys, new_values)
+        if concatenated_keys is None:
+            concatenated_keys, concatenated_values = new_keys, new_values
+        else:
+            concatenated_keys = torch.cat((concatenated_keys, new_keys), dim=2)
+            concatenated_values = torch.cat((concatenated_values, new_values), dim=2)
+        start += size
+        assert len(cache) == start
+        assert torch.equal(got_keys, concatenated_keys) and torch.equal(got_values, concatenated_values)
+    assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
+
+
+@pytest.mark.parametrize("replaced_tokens", [1, 3, 6])  # fewer, as many and more than the cache held
+def test_cache_appends_after_its_tensors_were_replaced(replaced_tokens):
+    # beam search reorders the cached rows, the server merges batches and cuts padding columns
+    cache = KVCache()
+    cache.append(torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4))  # leaves room for 6 tokens
+    keys, values = torch.randn(2, 3, replaced_tokens + 2, 4), torch.randn(2, 3, replaced_tokens + 2, 4)
+    cache.replace(keys[:, :, :replaced_tokens].flip(0), values[:, :, :replaced_tokens].flip(0))
+    assert len(cache) == replaced_tokens
+    cache.append(keys[:, :, replaced_tokens:], values[:, :, replaced_tokens:])
+    assert len(cache) == replaced_tokens + 2
+    flipped_first = torch.cat((keys[:, :, :replaced_tokens].flip(0), keys[:, :, replaced_tokens:]), dim=2)
+    assert torch.equal(cache.keys, flipped_first)
+    flipped_first = torch.cat((values[:, :, :replaced_tokens].flip(0), values[:, :, replaced_tokens:]), dim=2)
+    assert torch.equal(cache.values, flipped_first)
+
+
+def test_cache_refuses_more_tokens_than_its_max_tokens():
+    cache = KVCache(max_tokens=6)
+    cache.append(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+    with pytest.raises(ValueError, match=r"at most 6 tokens .* 7 would not fit"):
+        cache.append(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+    assert len(cache) == 5
+
+
 def test_cache_refuses_to_grow_past_the_context_length():
     mha = make_attention(context_length=8).eval()
     cache = KVCache()

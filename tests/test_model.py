@@ -256,3 +256,51 @@ def test_range_check_can_be_skipped_but_the_dtype_check_cannot():
     check_token_ids(torch.tensor([[999]]), 10, check_range=False)  # what forward does off the CPU
     with pytest.raises(ValueError, match="integers"):
         check_token_ids(torch.tensor([[1.0]]), 10, check_range=False)
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    idx = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return idx, mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_only_gives_the_full_forwards_last_row(padded):
+    model = tiny_model()
+    rows = [[5, 17, 3, 99, 42, 7], [8, 1, 2]] if padded else [[5, 17, 3, 99], [8, 1, 2, 64]]
+    idx, mask = left_padded(rows)
+    with torch.no_grad():
+        full = model(idx, attention_mask=mask)
+        last = model(idx, attention_mask=mask, last_only=True)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+
+
+def test_last_only_prefill_then_cached_steps_equal_the_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache()
+        prefill = model(idx[:, :8], cache=cache, last_only=True)
+        steps = [model(idx[:, i : i + 1], cache=cache) for i in range(8, 12)]
+    torch.testing.assert_close(prefill, full[:, 7:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], atol=1e-5, rtol=0)
+
+
+def test_a_mask_without_padding_gives_the_same_logits_as_no_mask():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        with_mask = model(idx, attention_mask=torch.ones_like(idx))
+        torch.testing.assert_close(with_mask, model(idx), atol=1e-5, rtol=0)
+
+
+def test_the_models_cache_refuses_tokens_past_the_context_length():
+    model = tiny_model()
+    cache = model.new_cache()
+    assert all(layer.max_tokens == TINY["context_length"] for layer in cache)
+    keys = torch.zeros(1, TINY["n_heads"], TINY["context_length"] + 1, TINY["emb_dim"] // TINY["n_heads"])
+    with pytest.raises(ValueError, match=r"at most 19 tokens \(the context length\)"):
+        cache[0].append(keys, keys)
