@@ -199,10 +199,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _is_disk_full(error: Exception) -> bool:
-    """ENOSPC, also as libraries written in Rust (safetensors) report it: in their message."""
+    """ENOSPC, also as libraries report it in their messages: safetensors (Rust) with the OS's
+    text, torch.save's zip writer as a short write ("unexpected pos", "file write failed")."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    return "No space left on device" in str(error)
+    message = str(error)
+    torch_short_write = isinstance(error, RuntimeError) and ("unexpected pos" in message or "file write failed" in message)
+    return "No space left on device" in message or torch_short_write
 
 
 @contextmanager
