@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import numbers
@@ -44,7 +45,7 @@ from tqdm import tqdm  # plain text bar: works in terminals and notebooks withou
 
 from shared.checkpoint import TrainHistory, save_checkpoint
 from shared.generate import generate
-from shared.utils import eval_mode
+from shared.utils import eval_mode, is_disk_full
 from shared.weights import save_hf_gpt2
 
 LossFn = Callable[[object, object, nn.Module, torch.device], torch.Tensor]
@@ -627,7 +628,8 @@ def save_training_run(out_dir, model: nn.Module, history: TrainHistory, summary:
     ``config.json`` + ``model.safetensors`` (Hugging Face's GPT-2 format), ``loss_log.csv`` (one
     row per evaluation), ``loss.png`` and, when given, ``summary.json``. Files are written into
     a staging folder inside ``out_dir`` and renamed into place; a staging folder left by a run
-    killed while writing is removed by the next call.
+    killed while writing is removed by the next call. A full disk raises an OSError (ENOSPC)
+    naming ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -642,6 +644,13 @@ def save_training_run(out_dir, model: nn.Module, history: TrainHistory, summary:
             (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for file in staging.iterdir():
             os.replace(file, out_dir / file.name)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise OSError(
+            errno.ENOSPC, f"the disk holding {out_dir} is full: the run's model, loss log and plot were not "
+            "all written; free some space or pass an output folder on another disk (--out-dir)."
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -198,7 +198,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def _is_disk_full(error: Exception) -> bool:
+def is_disk_full(error: Exception) -> bool:
     """ENOSPC, also as libraries report it in their messages: safetensors (Rust) with the OS's
     text, torch.save's zip writer as a short write ("unexpected pos", "file write failed")."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -229,7 +229,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
     except Exception as error:
-        if not _is_disk_full(error):
+        if not is_disk_full(error):
             raise
         raise OSError(
             errno.ENOSPC,

@@ -230,6 +230,21 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_finite_checkpo
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_a_full_disk_for_the_output_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    import shared.weights
+
+    def full(tensors, path, metadata=None):  # how safetensors reports a full disk
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(shared.weights, "save_file", full)
+    args = _args(corpus, tmp_path / "ckpt", tmp_path / "out")
+    args[args.index("--max-steps") + 1] = "2"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(args)
+    assert exit_info.value.code == 2 and f"the disk holding {tmp_path / 'out'} is full: the run's model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_unwritable_checkpoint_folder_is_reported_before_training(corpus, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

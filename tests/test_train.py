@@ -24,6 +24,7 @@ from shared.train import (
     evaluate_model,
     lr_at,
     make_optimizer,
+    save_training_run,
     train_model,
 )
 
@@ -412,3 +413,26 @@ def test_the_schedule_refuses_rates_that_are_not_a_warmup_then_a_decay(settings,
 def test_make_optimizer_refuses_impossible_rates(lr, weight_decay, message):
     with pytest.raises(ValueError, match=message):
         make_optimizer(_model(), lr, weight_decay)
+
+
+def _disk_full_in_safetensors(monkeypatch):
+    import shared.weights
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(shared.weights, "save_file", full)
+
+
+def test_save_training_run_on_a_full_disk_names_the_output_folder_and_leaves_nothing_half_written(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from shared.checkpoint import TrainHistory
+
+    _disk_full_in_safetensors(monkeypatch)
+    with pytest.raises(OSError, match=f"the disk holding {tmp_path / 'out'} is full: the run's model") as caught:
+        save_training_run(tmp_path / "out", _model(), TrainHistory())
+    assert caught.value.errno == errno.ENOSPC and list((tmp_path / "out").iterdir()) == []
