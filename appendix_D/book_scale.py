@@ -37,7 +37,15 @@ from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, WarmupCosine, train_model
-from shared.utils import add_output_args, check_writable, get_device, is_quick, output_dir, set_seed, write_json
+from shared.utils import (
+    add_output_args,
+    check_writable,
+    get_device,
+    is_quick,
+    output_dir,
+    set_seed,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
