@@ -42,7 +42,7 @@ from shared.utils import (
     check_writable,
     get_device,
     is_quick,
-    output_dir,
+    run_dir,
     set_seed,
     write_json,
 )
@@ -122,8 +122,8 @@ def main(argv=None) -> None:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1 (leave it out for torch's choice), got {args.threads}")
-    out_dir = output_dir(parser, args, "book-scale", committed=HERE)
     try:  # before the runs, not after them: a bad output folder or device must not cost a run
+        out_dir = run_dir(args.out_dir, "runs", "book-scale", committed=HERE, refresh=args.refresh_committed)
         check_writable(out_dir, "output folder")
         device = get_device(args.device)
     except (OSError, ValueError) as error:

@@ -68,7 +68,7 @@ from shared.train import (
     save_training_run,
     train_step,
 )
-from shared.utils import add_output_args, check_writable, eval_mode, get_device, output_dir
+from shared.utils import add_output_args, check_writable, eval_mode, get_device, run_dir
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2
 
 # Architectures. Every preset ties the embedding and the output head and has query/key/value
@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not all(math.isfinite(value) and value >= 0 for value in (args.grad_clip, args.weight_decay)):
         parser.error(f"--grad-clip and --weight-decay must be >= 0 (0: off), got {args.grad_clip}, {args.weight_decay}.")
     args.preset = "quick" if args.quick else args.preset
-    args.out_dir = output_dir(parser, args, "pretrain")
+    args.out_dir = run_dir(args.out_dir, "runs", "pretrain", create=False)  # rank 0 creates it
     return args
 
 

@@ -150,7 +150,7 @@ def _book_scale():
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [(["--out-dir", "{file}"], "cannot write to the output folder"), (["--threads", "0"], "--threads must be at least 1"),
+    [(["--out-dir", "{file}"], "is a file, not a folder"), (["--threads", "0"], "--threads must be at least 1"),
      (["--device", "banana"], "cannot use that device"), (["--epochs", "0"], "--epochs must be at least 1")],
 )  # fmt: skip
 def test_book_scale_refuses_bad_outputs_and_settings_before_training(tmp_path, monkeypatch, capsys, bad, message):
