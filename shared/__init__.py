@@ -16,7 +16,8 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError (from shared.utils), save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf, load_gpt2_or_standin, STANDIN_CONFIG, BaseModel,
   HF_REPOS, CONFIG_FILE, WEIGHTS_FILE
 - ``shared.train`` (ch05): train_model, TrainSettings, train_step, evaluate_and_record, calc_loss_batch, calc_loss_loader,
-  evaluate_model, model_device, make_optimizer, autocast, lr_at, WarmupCosine, save_training_run, TrainHistory (from checkpoint)
+  evaluate_model, model_device, check_device, make_optimizer, autocast, lr_at, WarmupCosine, save_training_run, LossWatch,
+  NonFiniteLossError, EmptyLoaderError, TrainHistory (from checkpoint)
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, read_checkpoint, resume, TrainHistory, step_checkpoints,
   save_step_checkpoint, newest_checkpoint, prepare_checkpoint_folder, check_model_matches, CheckpointError
 - ``shared.corpus`` (ch05): prepare_corpus, prepare_for_training, choose_prepared_dir, PreparedCorpus, WindowSampler,

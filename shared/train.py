@@ -429,7 +429,7 @@ class LossWatch:
         if not self.pending:
             return
         steps = [step for step, _ in self.pending]
-        losses = torch.stack([loss.float() for _, loss in self.pending]).cpu()
+        losses = torch.stack([loss.float().reshape(()) for _, loss in self.pending]).cpu()  # () or (1,) each
         self.pending.clear()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad) == 0:
