@@ -12,6 +12,8 @@ Both record the global gradient norm of every step (the plain run measures it wi
 clipping). Each run's losses, learning rates and norms go to ``book_scale_<run>.json`` in
 ``--out-dir`` (default: a new folder under ``runs/``); ``--refresh-committed`` replaces the
 committed ``appendix_D/book_scale_<run>.json``, which the appendix's README and notebook quote.
+An output folder that cannot be written (a file in its place, no permission) or an unknown
+device is refused before any training, with exit status 2, as are ``--epochs``/``--threads`` below 1.
 
 From the repository root (a GPU takes seconds; a CPU takes 5-50 seconds a step, and the book's
 15 epochs are 135 steps a run)::
@@ -35,7 +37,15 @@ from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, WarmupCosine, train_model
-from shared.utils import add_output_args, get_device, is_quick, output_dir, set_seed, write_json
+from shared.utils import (
+    add_output_args,
+    check_writable,
+    get_device,
+    is_quick,
+    run_dir,
+    set_seed,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,11 +120,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    out_dir = output_dir(parser, args, "book-scale", committed=HERE)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1 (leave it out for torch's choice), got {args.threads}")
+    try:  # before the runs, not after them: a bad output folder or device must not cost a run
+        out_dir = run_dir(args.out_dir, "runs", "book-scale", committed=HERE, refresh=args.refresh_committed)
+        check_writable(out_dir, "output folder")
+        device = get_device(args.device)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-
-    device = get_device(args.device)
     cfg = {**GPT_CONFIGS["gpt2-small"], "context_length": 256}
     if args.quick or is_quick():
         cfg.update(emb_dim=64, n_heads=4, n_layers=2)
@@ -132,7 +147,6 @@ def main(argv=None) -> None:
                      "threads": torch.get_num_threads()},
     }
     names = ("plain", "refined") if args.run == "both" else (args.run,)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         out = out_dir / f"book_scale_{name}.json"
         write_json(out, {**payload, "run": name, **run(name, name == "refined", args.epochs, device, cfg, args.init)},

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from shared.model import GPT_CONFIGS
-from shared.utils import add_output_args, by_mode, get_device, is_quick, output_dir, write_json
+from shared.utils import add_output_args, by_mode, get_device, is_quick, run_dir, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: replaced only with --refresh-committed
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # a new folder per run by default
@@ -66,10 +66,8 @@ def parse_run_args(name: str, description: str, argv=None, parser=None) -> argpa
     if "--device" not in parser._option_string_actions:
         parser.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     args = parser.parse_args(argv)
-    if args.out_dir is None and not args.refresh_committed:
-        args.out_dir = RUNS_DIR / time.strftime(f"{name}-%Y%m%d-%H%M%S")  # beside the committed results
-    folder = output_dir(parser, args, name, committed=RESULTS_DIR)
-    folder.mkdir(parents=True, exist_ok=True)
+    # A new run folder beside the committed results, unless --out-dir or --refresh-committed.
+    folder = run_dir(args.out_dir, RUNS_DIR, name, committed=RESULTS_DIR, refresh=args.refresh_committed)
     args.out = folder / f"{name}.json"
     return args
 

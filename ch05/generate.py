@@ -12,13 +12,15 @@ checkpoint file written by ``shared.checkpoint``, or a folder of ``step_<N>.pt``
 (the newest readable one is used). ``--interactive`` keeps the model loaded and reads one
 prompt per line until end of input. ``--out-dir`` also writes each prompt and its text to
 ``generations.jsonl`` there; ``--quick`` makes the default continuation short (10 tokens). The
-exit status is non-zero when any prompt failed.
+exit status is non-zero when any prompt failed. Refused at the start (exit status 2): ``--beams``
+below 1, a negative or NaN ``--temperature``, ``--top-k`` below 1, ``--top-p`` outside (0, 1].
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -108,13 +110,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
+    if args.beams < 1:
+        parser.error(f"--beams must be at least 1 (1: no beam search), got {args.beams}.")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be at least 1 (leave it out for no limit), got {args.top_k}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1] (leave it out for no limit), got {args.top_p}.")
     return args
 
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    device = get_device(args.device)
     try:
+        device = get_device(args.device)
         model = load_model(args.model, device)
     except (FileNotFoundError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -36,7 +36,7 @@ from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPT_CONFIGS, GPTModel
 from shared.train import train_model
-from shared.utils import add_output_args, atomic_path, get_device, is_quick, output_dir
+from shared.utils import add_output_args, atomic_path, get_device, is_quick, run_dir
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    out = output_dir(parser, args, "initialisation", committed=HERE) / "initialisation.json"
+    out = run_dir(args.out_dir, "runs", "initialisation", committed=HERE, refresh=args.refresh_committed) / "initialisation.json"
     cfg = CONFIGS["quick" if args.quick or is_quick() else "full"]
     device = get_device(args.device)  # None: the best available; a name is checked against this machine
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 import time
 from datetime import timedelta
@@ -56,15 +57,18 @@ from shared.corpus import (
 from shared.distributed import distributed_session, print_main
 from shared.model import GPT_CONFIGS, GPTModel, count_parameters, set_dropout
 from shared.train import (
+    LossWatch,
+    NonFiniteLossError,
     TrainSettings,
     WarmupCosine,
     autocast,
     calc_loss_batch,
+    lr_at,
     make_optimizer,
     save_training_run,
     train_step,
 )
-from shared.utils import add_output_args, check_writable, eval_mode, get_device, output_dir
+from shared.utils import add_output_args, check_writable, eval_mode, get_device, run_dir
 from shared.weights import HF_REPOS, download_gpt2, load_hf_gpt2
 
 # Architectures. Every preset ties the embedding and the output head and has query/key/value
@@ -137,18 +141,20 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.max_steps < 0:
         parser.error(f"--max-steps must be >= 0, got {args.max_steps}.")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}.")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}.")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir (where the checkpoints are).")
     args.warmup_steps = args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps
-    if not 0 <= args.warmup_steps <= args.max_steps:
-        parser.error(f"--warmup-steps must be between 0 and --max-steps, got {args.warmup_steps}.")
     args.min_lr = args.lr if args.decay == "constant" else (args.lr / 10 if args.min_lr is None else args.min_lr)
+    try:  # the schedule's own checks (finite rates, min_lr <= lr, warm-up within the run), before any corpus work
+        lr_at(0, peak_lr=args.lr, total_steps=args.max_steps, warmup_steps=args.warmup_steps, min_lr=args.min_lr)
+    except ValueError as error:
+        parser.error(f"{error} (peak_lr is --lr, min_lr --min-lr, warmup_steps --warmup-steps, total_steps --max-steps)")
+    if not all(math.isfinite(value) and value >= 0 for value in (args.grad_clip, args.weight_decay)):
+        parser.error(f"--grad-clip and --weight-decay must be >= 0 (0: off), got {args.grad_clip}, {args.weight_decay}.")
     args.preset = "quick" if args.quick else args.preset
-    args.out_dir = output_dir(parser, args, "pretrain")
+    args.out_dir = run_dir(args.out_dir, "runs", "pretrain", create=False)  # rank 0 creates it
     return args
 
 
@@ -277,7 +283,7 @@ def train(args, info) -> tuple[GPTModel, dict] | None:
 
     # The loop. Everything step s does follows from (seed, s, rank) and the saved state.
     train_seconds, train_tokens, running_loss, running_steps = 0.0, 0, 0.0, 0
-    tick = time.perf_counter()
+    tick, watch = time.perf_counter(), LossWatch()
     while history.global_step < args.max_steps:
         step = history.global_step
         torch.manual_seed(step_seed(args.seed, step, rank))
@@ -286,6 +292,9 @@ def train(args, info) -> tuple[GPTModel, dict] | None:
         history.total_tokens += tokens_per_step
         train_tokens += tokens_per_step
         running_loss, running_steps, done = running_loss + loss, running_steps + 1, history.global_step
+        watch.add(step, loss)
+        if done % args.log_interval == 0 or done % args.checkpoint_every == 0 or done == args.max_steps:
+            watch.check()  # NaN or inf: stop before it reaches a checkpoint or the output
 
         if done % args.log_interval == 0 or done == args.max_steps:
             if device.type == "cuda":
@@ -331,7 +340,7 @@ def main(argv=None) -> tuple[GPTModel, dict] | None:
         # Preparing a large corpus can take long while the other ranks wait at a barrier.
         with distributed_session(timeout=timedelta(hours=2), device=args.device) as info:
             return train(args, info)
-    except (RunError, CorpusError, CheckpointError, OSError, ValueError) as error:
+    except (RunError, CorpusError, CheckpointError, OSError, ValueError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

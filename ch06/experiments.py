@@ -100,10 +100,7 @@ def run_variants(names: list[str], shared_flags: list[str]) -> list[dict]:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     quick = args.quick or is_quick()
-    if args.refresh_results:
-        out_dir = run_dir(HERE / "results", HERE / "runs" / "experiments")
-    else:
-        out_dir = run_dir(args.out_dir, HERE / "runs" / "experiments")
+    out_dir = run_dir(args.out_dir, HERE / "runs" / "experiments", committed=HERE / "results", refresh=args.refresh_results)
     shared_flags = ["--seed", str(args.seed), "--no-save", *(["--quick"] if quick else [])]
     if args.device:
         shared_flags += ["--device", args.device]

@@ -4,7 +4,7 @@ Each chapter builds a piece step by step in its notebook; the final form lives h
 every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
 - ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path, write_json, eval_mode,
-  run_dir, check_writable, add_output_args, output_dir, CheckpointError
+  run_dir, check_writable, add_output_args, is_disk_full, CheckpointError
 - ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data, validate_instruction_entries, DataValidationError
 - ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer, encode_text, check_token_ids, GPT2_VOCAB_SIZE, GPT2_EOT_ID, END_OF_TEXT, UNKNOWN
@@ -16,7 +16,8 @@ every later chapter imports it. The map: ``shared.<module>`` (chapter): main pub
 - ``shared.weights`` (ch05): load_hf_gpt2, CheckpointError (from shared.utils), save_hf_gpt2, download_gpt2, config_from_hf, config_to_hf, load_gpt2_or_standin, STANDIN_CONFIG, BaseModel,
   HF_REPOS, CONFIG_FILE, WEIGHTS_FILE
 - ``shared.train`` (ch05): train_model, TrainSettings, train_step, evaluate_and_record, calc_loss_batch, calc_loss_loader,
-  evaluate_model, model_device, make_optimizer, autocast, lr_at, WarmupCosine, save_training_run, TrainHistory (from checkpoint)
+  evaluate_model, model_device, check_device, make_optimizer, autocast, lr_at, WarmupCosine, save_training_run, LossWatch,
+  NonFiniteLossError, EmptyLoaderError, TrainHistory (from checkpoint)
 - ``shared.checkpoint`` (ch05): save_checkpoint, load_checkpoint, read_checkpoint, resume, TrainHistory, step_checkpoints,
   save_step_checkpoint, newest_checkpoint, prepare_checkpoint_folder, check_model_matches, CheckpointError
 - ``shared.corpus`` (ch05): prepare_corpus, prepare_for_training, choose_prepared_dir, PreparedCorpus, WindowSampler,

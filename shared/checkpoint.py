@@ -16,11 +16,9 @@ and :func:`newest_checkpoint` picks the newest readable one.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import sys
-import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -121,10 +119,11 @@ def save_checkpoint(
 
     ``history`` is a :class:`TrainHistory` (or any object with ``state_dict()``),
     ``lr_schedule`` a :class:`shared.train.WarmupCosine`, ``extra`` any plain data (strings,
-    numbers, lists, dicts, tensors) such as a corpus fingerprint.
+    numbers, lists, dicts, tensors) such as a corpus fingerprint. A full disk, a read-only folder
+    or a file where the folder should be raises an OSError naming the place; the previous file at
+    ``path``, if any, is kept.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # atomic_path creates its folder, naming a file in the way or a read-only parent
     model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
@@ -150,9 +149,9 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"no checkpoint at {path}.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except Exception as error:  # torch's unpickler raises many kinds (IndexError, KeyError, ...) on junk
         raise CheckpointError(
-            f"cannot read the checkpoint {path}: it is truncated or corrupt ({error}). "
+            f"cannot read the checkpoint {path}: it is truncated or corrupt ({type(error).__name__}: {error}). "
             "Delete it and resume from an earlier checkpoint, or start the run again."
         ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:

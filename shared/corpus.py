@@ -23,6 +23,7 @@ ids at a time while preparing, and training touches only the pages of the window
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import json
 import math
@@ -190,6 +191,16 @@ def encode_file(path: Path, tokenizer, block_bytes: int = BLOCK_BYTES, progress=
 # --------------------------------------------------------------------------------------------
 
 
+def _check_written(path: Path, expected_bytes: int) -> None:
+    """numpy's ``tofile`` can lose a write on a full disk without an error: compare the sizes."""
+    written = path.stat().st_size
+    if written != expected_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: {written} of {expected_bytes} bytes of {TOKENS_FILE} were written",
+        )
+
+
 def _tokenizer_and_name(tokenizer):
     if tokenizer is None:
         tokenizer = get_gpt2_tokenizer()
@@ -324,6 +335,7 @@ def prepare_corpus(
                 documents.append([start, num_tokens])
             out.flush()
             os.fsync(out.fileno())
+            _check_written(tmp_tokens, num_tokens * eot.itemsize)
         if val_start is None:  # one document: hold out its last tokens
             val_start = num_tokens - max(1, math.ceil(val_fraction * num_tokens))
         meta.update(

@@ -10,6 +10,7 @@ instruction finetuning is only how a batch turns into a loss, so the loss is a s
 - :func:`evaluate_and_record`: evaluate and append the result to the history;
 - :func:`train_model`: the epoch loop, with the book's argument order, a progress bar,
   per-epoch metrics and exact resumption at epoch boundaries (:mod:`shared.checkpoint`);
+- :class:`LossWatch`: stops a run at its first NaN or infinite loss (:class:`NonFiniteLossError`);
 - :func:`make_optimizer`: AdamW with weight decay on matrices only, fused where possible;
 - :func:`lr_at` and :class:`WarmupCosine`: linear warm-up then cosine decay (appendix D);
 - :func:`autocast`: bfloat16 mixed precision for the forward passes, or nothing (float32);
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -42,7 +45,7 @@ from tqdm import tqdm  # plain text bar: works in terminals and notebooks withou
 
 from shared.checkpoint import TrainHistory, save_checkpoint
 from shared.generate import generate
-from shared.utils import eval_mode
+from shared.utils import eval_mode, is_disk_full
 from shared.weights import save_hf_gpt2
 
 LossFn = Callable[[object, object, nn.Module, torch.device], torch.Tensor]
@@ -50,6 +53,10 @@ LossFn = Callable[[object, object, nn.Module, torch.device], torch.Tensor]
 
 class EmptyLoaderError(ValueError):
     """A data loader gave no batch at all, so there is no loss to report."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite: every step after it would only spread the NaN."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,6 +67,28 @@ class EmptyLoaderError(ValueError):
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters are: what ``device=None`` means in this module."""
     return next(model.parameters()).device
+
+
+def check_device(model: nn.Module, device) -> torch.device:
+    """``device`` as a torch.device (None: where the model is), refusing one the model is not on.
+
+    The loop moves batches, never the model, so the two must agree; a model on the ``meta``
+    device has no weights to train.
+    """
+    try:
+        device = model_device(model) if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from None
+    where = model_device(model)
+    if where.type == "meta":
+        raise ValueError("the model is on the meta device (shapes, no weights); build or load it on a real device.")
+    same_index = device.index is None or where.index is None or device.index == where.index
+    if device.type != where.type or not same_index:
+        raise ValueError(
+            f"the model is on {where} but device={str(device)!r}; move it first (model.to({str(device)!r})) "
+            f"or pass device={str(where)!r} (None means where the model is)."
+        )
+    return device
 
 
 def calc_loss_batch(input_batch, target_batch, model: nn.Module, device=None) -> torch.Tensor:
@@ -178,6 +207,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     row, so decay would mostly shrink the rows of rare tokens that seldom get a gradient. GPT-2
     style training (nanoGPT, the GPT-3 paper's set-up) therefore decays the matrices only.
     """
+    _check_rate("lr", lr)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0 (0 turns it off), got {weight_decay}.")
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():  # parameters() yields a tied matrix once
@@ -200,6 +232,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def _check_rate(name: str, value: float, *, zero_ok: bool = False) -> None:
+    """A learning rate must be a finite number above 0 (or at least 0 where ``zero_ok``)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        least = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {least}, got {value!r}.")
+
+
 def lr_at(
     step: int,
     *,
@@ -213,8 +252,17 @@ def lr_at(
 
     Linear warm-up from ``initial_lr`` at step 0 to ``peak_lr`` at step ``warmup_steps``, then
     half a cosine from ``peak_lr`` down to ``min_lr`` at step ``total_steps``; ``min_lr``
-    after that.
+    after that. The rates must be finite, ``peak_lr > 0`` and ``0 <= initial_lr, min_lr <= peak_lr``
+    (a "decay" that ends above its peak would be a rise).
     """
+    _check_rate("peak_lr", peak_lr)
+    _check_rate("initial_lr", initial_lr, zero_ok=True)
+    _check_rate("min_lr", min_lr, zero_ok=True)
+    if min_lr > peak_lr or initial_lr > peak_lr:
+        raise ValueError(
+            f"need initial_lr <= peak_lr and min_lr <= peak_lr, got initial_lr={initial_lr}, "
+            f"min_lr={min_lr}, peak_lr={peak_lr}."
+        )
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
     if warmup_steps < 0 or total_steps < warmup_steps:
@@ -361,6 +409,45 @@ def train_step(
     return total, None if norm is None else norm.detach()
 
 
+class LossWatch:
+    """Stops training at the first loss that is NaN or infinite, without waiting on every step.
+
+    ``add(step, loss)`` keeps each step's loss on the device; ``check()`` reads them all at once
+    (one host sync, done where the loop syncs anyway: evaluations, checkpoints) and raises
+    :class:`NonFiniteLossError` naming the first bad step. Call ``check()`` before saving a
+    checkpoint, so that the last one on disk holds finite weights.
+    """
+
+    def __init__(self):
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.last_finite: tuple[int, float] | None = None
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss.detach()))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        losses = torch.stack([loss.float().reshape(()) for _, loss in self.pending]).cpu()  # () or (1,) each
+        self.pending.clear()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad) == 0:
+            self.last_finite = (steps[-1], float(losses[-1]))
+            return
+        first = int(bad[0])
+        if first > 0:
+            self.last_finite = (steps[first - 1], float(losses[first - 1]))
+        last = "none yet" if self.last_finite is None else f"{self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+        raise NonFiniteLossError(
+            f"the training loss became {float(losses[first])} at optimizer step {steps[first]} (last finite "
+            f"loss: {last}); training stopped and the weights since then are not usable. Usual causes: a "
+            "learning rate too high (lower it or add warm-up and gradient clipping), float16 without loss "
+            "scaling (use bfloat16 or float32), or bad data (a batch with out-of-range token ids or all "
+            "targets masked with -100). The last checkpoint saved before it is intact."
+        )
+
+
 def evaluate_and_record(
     model: nn.Module, train_loader, val_loader, history: TrainHistory, eval_iter: int, settings: TrainSettings,
     device=None,
@@ -403,6 +490,14 @@ def _sample(model, tokenizer, start_context: str, device, max_new_tokens: int) -
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
 
 
+def _check_counts(**counts) -> None:
+    """``num_epochs`` a whole number >= 0; ``eval_freq`` and ``eval_iter`` whole numbers >= 1."""
+    for name, value in counts.items():
+        least = 0 if name == "num_epochs" else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
+
+
 def train_model(
     model: nn.Module,
     train_loader,
@@ -434,41 +529,39 @@ def train_model(
     - ``checkpoint_path``: save a resumable checkpoint there (atomically) after every epoch.
 
     Returns the :class:`TrainHistory` (it unpacks as ``train_losses, val_losses, tokens_seen``).
-    The loss is read from the device only at evaluations, so steps never wait for it.
+    Losses are read from the device only at evaluations and checkpoints, so steps never wait for
+    them; a NaN or infinite loss then stops the run (:class:`LossWatch`) before any checkpoint.
+    An empty training loader, a ``device`` the model is not on, or ``num_epochs=1.5`` is refused.
     """
     settings = settings if settings is not None else TrainSettings()
-    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1:
-        raise ValueError(
-            f"need num_epochs >= 0, eval_freq >= 1 and eval_iter >= 1; got {num_epochs}, {eval_freq}, {eval_iter}."
-        )
-    if isinstance(history, dict):
-        history = TrainHistory.from_state_dict(history)
-    history = history if history is not None else TrainHistory()
-    device = model_device(model) if device is None else torch.device(device)
+    _check_counts(num_epochs=num_epochs, eval_freq=eval_freq, eval_iter=eval_iter)
+    history = TrainHistory.from_state_dict(history) if isinstance(history, dict) else history or TrainHistory()
+    device = check_device(model, device)
     pending_norms: list[torch.Tensor] = []  # kept on the device until the history needs them
-    started = time.perf_counter()
+    watch, started = LossWatch(), time.perf_counter()
 
     def sync_history() -> None:
         """Move the pending gradient norms and the time trained since the last call into ``history``."""
         nonlocal started
+        watch.check()
         history.grad_norms.extend(float(n) for n in pending_norms)
         pending_norms.clear()
-        now = time.perf_counter()
-        history.elapsed += now - started
-        started = now
+        history.elapsed, started = history.elapsed + time.perf_counter() - started, time.perf_counter()
 
-    sized = hasattr(train_loader, "__len__")
+    sized = hasattr(train_loader, "__len__")  # the bar's length, when the loader has one
     total = math.ceil(len(train_loader) / settings.grad_accum_steps) * num_epochs if sized else None
     bar = tqdm(total=total, initial=history.global_step, desc="training", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     while history.epoch < num_epochs:
+        steps_before = history.global_step
         for batches in _groups(train_loader, settings.grad_accum_steps):
             for input_batch, _ in batches:
                 tokens, rows = _count(input_batch)
                 history.total_tokens += tokens
                 history.total_examples += rows
-            _, norm = train_step(model, optimizer, batches, history, settings, device)
+            loss, norm = train_step(model, optimizer, batches, history, settings, device)
+            watch.add(history.global_step - 1, loss)
             if norm is not None:
                 pending_norms.append(norm)
             bar.update(1)
@@ -478,6 +571,8 @@ def train_model(
                 )
                 sync_history()
                 bar.set_postfix(epoch=history.epoch + 1, train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if history.global_step == steps_before:
+            raise EmptyLoaderError("training: " + _empty_loader_message(train_loader))
         history.epoch += 1
         if settings.epoch_end is not None:
             history.epoch_metrics.append(dict(settings.epoch_end(history.epoch, model)))
@@ -533,7 +628,8 @@ def save_training_run(out_dir, model: nn.Module, history: TrainHistory, summary:
     ``config.json`` + ``model.safetensors`` (Hugging Face's GPT-2 format), ``loss_log.csv`` (one
     row per evaluation), ``loss.png`` and, when given, ``summary.json``. Files are written into
     a staging folder inside ``out_dir`` and renamed into place; a staging folder left by a run
-    killed while writing is removed by the next call.
+    killed while writing is removed by the next call. A full disk raises an OSError (ENOSPC)
+    naming ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -548,6 +644,13 @@ def save_training_run(out_dir, model: nn.Module, history: TrainHistory, summary:
             (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for file in staging.iterdir():
             os.replace(file, out_dir / file.name)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise OSError(
+            errno.ENOSPC, f"the disk holding {out_dir} is full: the run's model, loss log and plot were not "
+            "all written; free some space or pass an output folder on another disk (--out-dir)."
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

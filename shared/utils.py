@@ -146,13 +146,35 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def run_dir(out_dir: str | os.PathLike | None, runs_folder: str | os.PathLike) -> Path:
-    """The folder a script writes into, created: ``out_dir`` when given (``--out-dir``), else a
-    new ``<runs_folder>/<date>-<time>`` folder, so that a run never overwrites an earlier one
-    (or results kept in the repository) unless asked to."""
+def run_dir(
+    out_dir: str | os.PathLike | None,
+    runs_folder: str | os.PathLike,
+    name: str | None = None,
+    *,
+    committed: str | os.PathLike | None = None,
+    refresh: bool = False,
+    create: bool = True,
+) -> Path:
+    """The folder a script writes into: the one helper behind every script's ``--out-dir``.
+
+    - ``refresh`` (``--refresh-committed``): ``committed``, the results kept in the repository;
+    - else ``out_dir`` (``--out-dir``) when given, reused if it exists;
+    - else a new ``<runs_folder>/<name>-<date>-<time>`` folder (``<date>-<time>`` without
+      ``name``), so that a run never overwrites an earlier one or the committed results.
+
+    Created unless ``create=False`` (a multi-process script whose rank 0 creates it later). A
+    file in the way, or no permission, raises an error that names the path and the fix.
+    """
+    if refresh:
+        if committed is None or out_dir is not None:
+            raise ValueError("refreshing the committed results needs a committed folder and no --out-dir.")
+        return ensure_folder(committed) if create else Path(committed)
     if out_dir is not None:
-        return ensure_folder(out_dir)
+        return ensure_folder(out_dir) if create else Path(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{name}-{stamp}" if name else stamp
+    if not create:
+        return Path(runs_folder) / stamp
     ensure_folder(runs_folder)
     for attempt in range(100):
         folder = Path(runs_folder) / (stamp if attempt == 0 else f"{stamp}-{attempt}")
@@ -198,11 +220,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def _is_disk_full(error: Exception) -> bool:
-    """ENOSPC, also as libraries written in Rust (safetensors) report it: in their message."""
+def is_disk_full(error: Exception) -> bool:
+    """ENOSPC, also as libraries report it in their messages: safetensors (Rust) with the OS's
+    text, torch.save's zip writer as a short write ("unexpected pos", "file write failed")."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    return "No space left on device" in str(error)
+    message = str(error)
+    torch_short_write = isinstance(error, RuntimeError) and ("unexpected pos" in message or "file write failed" in message)
+    return "No space left on device" in message or torch_short_write
 
 
 @contextmanager
@@ -226,7 +251,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
     except Exception as error:
-        if not _is_disk_full(error):
+        if not is_disk_full(error):
             raise
         raise OSError(
             errno.ENOSPC,
@@ -262,19 +287,11 @@ def check_writable(folder: str | os.PathLike, what: str = "folder") -> Path:
 
 def add_output_args(parser: argparse.ArgumentParser, name: str, committed: Path | None = None) -> None:
     """Add ``--out-dir`` (default: a new folder ``runs/<name>-<date>-<time>``) to a script's parser,
-    and ``--refresh-committed`` when the script has committed results in ``committed``.
-
-    A script never writes over committed results unless asked; :func:`output_dir` resolves the choice.
+    and ``--refresh-committed`` when the script has committed results in ``committed``; the two
+    exclude each other. :func:`run_dir` resolves the choice; a script never writes over committed
+    results unless asked.
     """
-    parser.add_argument("--out-dir", type=Path, help=f"where the results go (default: runs/{name}-<date>-<time>)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out-dir", type=Path, help=f"where the results go (default: runs/{name}-<date>-<time>)")
     if committed is not None:
-        parser.add_argument("--refresh-committed", action="store_true", help=f"replace the committed files in {committed}")
-
-
-def output_dir(parser: argparse.ArgumentParser, args, name: str, committed: Path | None = None) -> Path:
-    """The folder chosen by :func:`add_output_args`'s flags (not created)."""
-    if getattr(args, "refresh_committed", False):
-        if args.out_dir is not None:
-            parser.error("--refresh-committed writes the committed files; leave out --out-dir.")
-        return committed
-    return args.out_dir or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+        group.add_argument("--refresh-committed", action="store_true", help=f"replace the committed files in {committed}")

@@ -136,3 +136,28 @@ def test_book_scale_script_writes_both_runs_into_a_run_folder(tmp_path):
     assert plain["run"] == "plain" and refined["run"] == "refined"
     assert plain["clipped_steps"] == [] and len(plain["grad_norms"]) == plain["total_steps"]
     assert refined["clipped_steps"] == list(range(refined["warmup_steps"], refined["total_steps"]))
+
+
+def _book_scale():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "appendix_D" / "book_scale.py"
+    spec = importlib.util.spec_from_file_location("book_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(["--out-dir", "{file}"], "is a file, not a folder"), (["--threads", "0"], "--threads must be at least 1"),
+     (["--device", "banana"], "cannot use that device"), (["--epochs", "0"], "--epochs must be at least 1")],
+)  # fmt: skip
+def test_book_scale_refuses_bad_outputs_and_settings_before_training(tmp_path, monkeypatch, capsys, bad, message):
+    book_scale = _book_scale()
+    monkeypatch.setattr(book_scale, "run", lambda *args: pytest.fail("training started"))
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        book_scale.main(["--quick", *(arg.format(file=tmp_path / "a-file") for arg in bad)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -209,3 +209,51 @@ def test_prepare_checkpoint_folder_removes_half_written_files_and_refuses_a_file
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(OSError, match="cannot write to the checkpoint folder"):
         prepare_checkpoint_folder(tmp_path / "a-file" / "ckpt")
+
+
+# --- faults: a clear error naming the file, and the previous checkpoint kept ---
+
+
+@pytest.mark.parametrize("first", range(256))
+def test_any_junk_file_is_a_checkpoint_error_never_a_raw_unpickler_error(tmp_path, first):
+    path = tmp_path / "step_00000001.pt"
+    path.write_bytes(bytes([first]) + bytes(range(7, 250, 3)) + b"\x00junk\xff" * 8)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("junk", [b".", b"U\x00\x00", b"h\x01junk", b"\x80\x02}q\x00.", b"PK\x03\x04junk"])
+def test_newest_checkpoint_skips_junk_whatever_its_first_bytes(tmp_path, capsys, junk):
+    model, optimizer, _ = _setup()
+    history = TrainHistory(global_step=1)
+    good = save_step_checkpoint(tmp_path, 3, model, optimizer, history=history)
+    (tmp_path / "step_00000002.pt").write_bytes(junk)
+    assert newest_checkpoint(tmp_path) == good
+    assert "falling back to the previous checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoint_on_a_full_disk_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    model, optimizer, _ = _setup()
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, optimizer)
+    before = path.read_bytes()
+
+    def short_write(obj, file):  # what torch.save raises when the disk fills up mid-file
+        file.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=f"the disk holding {tmp_path} is full: ckpt.pt was not written"):
+        save_checkpoint(path, model, optimizer)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_checkpoint_under_a_file_or_in_a_read_only_folder_names_the_problem(tmp_path, monkeypatch):
+    from writes import deny_writes_under
+
+    model, _, _ = _setup()
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken'} is a file, not a folder"):
+        save_checkpoint(tmp_path / "taken" / "ckpt.pt", model)
+    deny_writes_under(monkeypatch, tmp_path / "locked")
+    with pytest.raises(PermissionError, match="no permission to create the folder"):
+        save_checkpoint(tmp_path / "locked" / "ckpt.pt", model)

@@ -187,3 +187,26 @@ def test_prepare_for_training_in_one_process_prepares_then_reuses(tmp_path, caps
     again = prepare_for_training(tmp_path / "a.txt", tmp_path / "prepared", progress=False)
     assert first.reused is False and again.reused is True and again.num_tokens == first.num_tokens
     assert "(reused)" in capsys.readouterr().out
+
+
+class _SilentlyShortWrite(np.ndarray):
+    """An id array whose ``tofile`` writes only half, without an error: numpy on a full disk."""
+
+    def tofile(self, file, *args, **kwargs):
+        np.asarray(self)[: len(self) // 2].tofile(file)
+
+
+def test_a_full_disk_while_preparing_leaves_no_truncated_tokens_file(tmp_path, monkeypatch):
+    import shared.corpus
+
+    books = write_corpus(tmp_path / "books", DOCUMENTS)
+    real_encode = shared.corpus.encode_file
+
+    def encode_short(*args, **kwargs):
+        for ids in real_encode(*args, **kwargs):
+            yield ids.view(_SilentlyShortWrite)
+
+    monkeypatch.setattr(shared.corpus, "encode_file", encode_short)
+    with pytest.raises(CorpusError, match=r"the disk holding .*prepared is full: tokens.bin was not written"):
+        prepare_corpus(books, tmp_path / "prepared", progress=False)
+    assert list((tmp_path / "prepared").iterdir()) == []  # no tokens.bin, no half-written .part file

@@ -21,7 +21,7 @@ from processes import run_process_tree
 from safetensors.torch import load_file
 
 from shared import distributed
-from shared.checkpoint import step_checkpoints
+from shared.checkpoint import read_checkpoint, step_checkpoints
 from shared.data import load_the_verdict
 from shared.model import GPTModel
 from shared.weights import load_hf_gpt2, save_hf_gpt2
@@ -179,8 +179,9 @@ def test_a_failed_save_never_replaces_a_good_checkpoint(corpus, uninterrupted, t
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [(["--lr", "0.002"], "lr: checkpoint 0.001, now 0.002"), (["--dropout", "0.2"], "drop_rate")],
-)
+    [(["--lr", "0.002"], "lr: checkpoint 0.001, now 0.002"), (["--dropout", "0.2"], "drop_rate"),
+     (["--batch-size", "4"], "batch_size: checkpoint 2, now 4")],
+)  # fmt: skip
 def test_checkpoint_from_a_different_run_is_refused(corpus, uninterrupted, tmp_path, capsys, change, message):
     checkpoints = tmp_path / "ckpt"
     shutil.copytree(uninterrupted[0] / "ckpt", checkpoints)
@@ -202,6 +203,46 @@ def test_checkpoint_from_a_different_corpus_is_refused(corpus, uninterrupted, tm
     with pytest.raises(SystemExit):
         pretrain.main([*_args(other, tmp_path / "ckpt", tmp_path / "out"), "--resume"])
     assert "corpus: checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(["--min-lr", "1", "--lr", "1e-3"], "min_lr <= peak_lr"), (["--grad-clip", "-1"], "--grad-clip and --weight-decay"),
+     (["--lr", "nan"], "peak_lr must be a finite number"), (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+     (["--warmup-steps", "5000"], "warmup_steps <= total_steps")],
+)  # fmt: skip
+def test_bad_training_arguments_are_refused_before_the_corpus_is_read(tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--data", str(tmp_path / "no-such-corpus"), "--quick", *bad])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and "no-such-corpus" not in error
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_finite_checkpoint(corpus, tmp_path, capsys):
+    args = _args(corpus, tmp_path / "ckpt", tmp_path / "out")
+    for name, value in (("--lr", "1e30"), ("--checkpoint-every", "1"), ("--log-interval", "100")):
+        args[args.index(name) + 1] = value
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main([*args, "--warmup-steps", "0"])
+    assert exit_info.value.code == 2 and "the training loss became" in capsys.readouterr().err
+    kept = step_checkpoints(tmp_path / "ckpt")
+    assert kept and all(torch.isfinite(t).all() for t in read_checkpoint(kept[-1])["model"].values())
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_full_disk_for_the_output_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    import shared.weights
+
+    def full(tensors, path, metadata=None):  # how safetensors reports a full disk
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(shared.weights, "save_file", full)
+    args = _args(corpus, tmp_path / "ckpt", tmp_path / "out")
+    args[args.index("--max-steps") + 1] = "2"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(args)
+    assert exit_info.value.code == 2 and f"the disk holding {tmp_path / 'out'} is full: the run's model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_unwritable_checkpoint_folder_is_reported_before_training(corpus, tmp_path, capsys):
@@ -319,6 +360,19 @@ def test_generate_writes_its_texts_to_out_dir_and_exits_non_zero_after_an_error(
     with pytest.raises(SystemExit) as exit_info:
         generate_script.main(["--model", out, "--device", "cpu", "--prompt", ""])
     assert exit_info.value.code == 1 and "the prompt is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(["--beams", "0"], "--beams must be at least 1"), (["--beams", "-3"], "--beams must be at least 1"),
+     (["--temperature", "-1"], "--temperature must be"), (["--temperature", "nan"], "--temperature must be"),
+     (["--top-k", "0"], "--top-k must be"), (["--top-p", "0"], "--top-p must be"), (["--top-p", "1.5"], "--top-p must be"),
+     (["--device", "banana"], "cannot use that device")],
+)  # fmt: skip
+def test_generate_refuses_impossible_sampling_settings_with_a_non_zero_status(tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_script.main(["--model", str(tmp_path), *bad])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_generate_reports_a_missing_model_clearly(tmp_path, capsys):

@@ -6,13 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_gpt import TINY_TRAINING as TINY
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.checkpoint import load_checkpoint
 from shared.data import load_the_verdict
 from shared.dataloader import train_val_loaders
 from shared.model import GPTModel
 from shared.train import (
     EmptyLoaderError,
+    NonFiniteLossError,
     TrainSettings,
     WarmupCosine,
     autocast,
@@ -21,6 +24,7 @@ from shared.train import (
     evaluate_model,
     lr_at,
     make_optimizer,
+    save_training_run,
     train_model,
 )
 
@@ -309,3 +313,126 @@ def test_an_epochs_leftover_batches_make_one_shorter_step():
 def test_train_settings_refuse_impossible_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainSettings(**bad)
+
+
+# --- bad input and faults: a clear error, never a silent wrong result ---
+
+
+class _PoisonedAfter(nn.Module):
+    """Wraps a model so that its output turns NaN from the given training forward pass on (a bad batch)."""
+
+    def __init__(self, model, from_call):
+        super().__init__()
+        self.model, self.from_call, self.calls = model, from_call, 0
+        self.cfg = model.cfg
+
+    def forward(self, ids):
+        self.calls += self.training  # training forward passes only, not evaluations
+        logits = self.model(ids)
+        return logits * float("nan") if self.training and self.calls >= self.from_call else logits
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_survives(tmp_path):
+    model = _PoisonedAfter(_model(seed=1), from_call=8)  # 6 steps per epoch: epoch 2's second step
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(NonFiniteLossError, match=r"nan at optimizer step 7 \(last finite loss: [0-9.]+ at step 6\)"):
+        train_model(model, _random_loader(), _random_loader(seed=1), optimizer, "cpu", 3, 100, 1,
+                    progress=False, checkpoint_path=path)  # fmt: skip
+    saved = load_checkpoint(path)
+    assert saved["history"].epoch == 1  # the checkpoint of epoch 1, not one of NaN weights
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_learning_rate_that_blows_up_stops_with_the_usual_causes():
+    model = _model(seed=2)
+    with pytest.raises(NonFiniteLossError, match="learning rate too high.*float16.*bad data"):
+        _fit(model, torch.optim.SGD(model.parameters(), lr=1e30), 3, 1)
+
+
+def test_train_model_refuses_an_empty_training_loader():
+    model = _model()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)))
+    with pytest.raises(EmptyLoaderError, match="training: the data loader gave no batch"):
+        train_model(model, empty, _random_loader(), make_optimizer(model, 1e-3, 0.1), "cpu", 1, 1, 1, progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"num_epochs": 1.5}, {"num_epochs": -1}, {"eval_freq": 0}, {"eval_iter": True}])
+def test_train_model_refuses_counts_that_are_not_whole_numbers(bad):
+    model = _model()
+    counts = {"num_epochs": 1, "eval_freq": 1, "eval_iter": 1, **bad}
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
+        train_model(model, _random_loader(), _random_loader(), make_optimizer(model, 1e-3, 0.1), "cpu",
+                    progress=False, **counts)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("banana", "is not a device"), ("meta", "on cpu but device='meta'"), ("cuda", "on cpu but device='cuda'")],
+)
+def test_train_model_refuses_a_device_the_model_is_not_on(device, message):
+    model = _model()
+    with pytest.raises(ValueError, match=message):
+        _fit_on(model, device)
+
+
+def test_train_model_refuses_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = _model()
+    with pytest.raises(ValueError, match="meta device"):
+        _fit_on(model, None)
+
+
+def _fit_on(model, device):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train_model(model, _random_loader(), _random_loader(), optimizer, device, 1, 1, 1, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"min_lr": 1e-2}, "min_lr <= peak_lr"),
+        ({"peak_lr": float("nan")}, "peak_lr must be a finite number"),
+        ({"peak_lr": -1.0}, "peak_lr must be a finite number > 0"),
+        ({"min_lr": -1e-4}, "min_lr must be a finite number >= 0"),
+        ({"initial_lr": float("inf")}, "initial_lr must be a finite"),
+    ],
+)
+def test_the_schedule_refuses_rates_that_are_not_a_warmup_then_a_decay(settings, message):
+    with pytest.raises(ValueError, match=message):
+        lr_at(0, **{**SCHEDULE, **settings})
+    with pytest.raises(ValueError, match=message):
+        WarmupCosine(torch.optim.SGD(_model().parameters(), lr=0.1), **{**SCHEDULE, **settings})
+
+
+@pytest.mark.parametrize(
+    ("lr", "weight_decay", "message"),
+    [(float("nan"), 0.1, "lr must be"), (-1e-3, 0.1, "lr must be"), (1e-3, -0.1, "weight_decay must be"),
+     (1e-3, float("nan"), "weight_decay must be")],
+)  # fmt: skip
+def test_make_optimizer_refuses_impossible_rates(lr, weight_decay, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(_model(), lr, weight_decay)
+
+
+def _disk_full_in_safetensors(monkeypatch):
+    import shared.weights
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(shared.weights, "save_file", full)
+
+
+def test_save_training_run_on_a_full_disk_names_the_output_folder_and_leaves_nothing_half_written(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from shared.checkpoint import TrainHistory
+
+    _disk_full_in_safetensors(monkeypatch)
+    with pytest.raises(OSError, match=f"the disk holding {tmp_path / 'out'} is full: the run's model") as caught:
+        save_training_run(tmp_path / "out", _model(), TrainHistory())
+    assert caught.value.errno == errno.ENOSPC and list((tmp_path / "out").iterdir()) == []

@@ -138,6 +138,33 @@ def test_run_dir_makes_a_new_folder_per_run_unless_one_is_named(tmp_path):
     assert run_dir(named, tmp_path / "runs") == named  # an existing folder named on purpose is reused
 
 
+def test_run_dir_names_new_folders_after_the_script_and_refreshes_committed_results_only_when_asked(tmp_path):
+    from shared.utils import run_dir
+
+    folder = run_dir(None, tmp_path / "runs", "pretrain")
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("pretrain-") and folder.is_dir()
+    later = run_dir(None, tmp_path / "later", "pretrain", create=False)
+    assert later.name.startswith("pretrain-") and not (tmp_path / "later").exists()
+    committed = tmp_path / "results"
+    assert run_dir(None, tmp_path / "runs", "x", committed=committed) != committed  # no flag: a run folder
+    assert run_dir(None, tmp_path / "runs", "x", committed=committed, refresh=True) == committed
+    with pytest.raises(ValueError, match="no --out-dir"):
+        run_dir(tmp_path / "mine", tmp_path / "runs", committed=committed, refresh=True)
+
+
+def test_out_dir_and_refresh_committed_exclude_each_other(tmp_path, capsys):
+    import argparse
+
+    from shared.utils import add_output_args
+
+    parser = argparse.ArgumentParser()
+    add_output_args(parser, "demo", committed=tmp_path)
+    assert parser.parse_args(["--refresh-committed"]).refresh_committed
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--refresh-committed", "--out-dir", str(tmp_path / "mine")])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_atomic_path_under_a_file_names_the_file(tmp_path):
     from shared.utils import atomic_path, run_dir
 
