@@ -75,6 +75,7 @@ def _our_run(clip_from_step: int):
     )
 
 
+@pytest.mark.slow
 def test_train_model_with_schedule_and_clipping_matches_the_books_fixed_loop(capsys):
     book_train, book_val, book_lrs = _books_run(orig_book_version=False, capsys=capsys)
     ours = _our_run(clip_from_step=WARMUP_STEPS)

@@ -26,6 +26,9 @@ from shared.data import load_the_verdict
 from shared.model import GPTModel
 from shared.weights import load_hf_gpt2, save_hf_gpt2
 
+# Every test here starts a subprocess (a script, a benchmark or torchrun).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN, GENERATE = ROOT / "ch05" / "pretrain.py", ROOT / "ch05" / "generate.py"
 MEASURED_RUN = ROOT / "benchmarks" / "pretrain.py"  # pretrain.py plus per-process parameter digests

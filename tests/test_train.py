@@ -101,6 +101,7 @@ def test_evaluate_model_restores_training_mode():
     assert model.training
 
 
+@pytest.mark.slow
 def test_train_model_lowers_the_loss_on_the_verdict():
     the_verdict = load_the_verdict()
     torch.manual_seed(0)
@@ -157,6 +158,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_epoch_end_metrics_are_recorded_per_epoch():
     model = _model()
     optimizer = make_optimizer(model, 1e-3, 0.1)
@@ -248,6 +250,7 @@ def test_train_model_clips_from_the_step_it_says():
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_trains_close_to_float32_with_float32_weights():
     histories, models = [], []
     for dtype in (None, torch.bfloat16):
