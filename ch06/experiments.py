@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from pathlib import Path
 
 import torch
 from finetune_classifier import finetune
 from finetune_classifier import parse_args as parse_args_of_finetune
 
-from shared.utils import atomic_path, is_quick, run_dir, write_json
+from shared.utils import atomic_path, exit_on_error, is_quick, run_dir, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -142,7 +141,4 @@ def write_table(rows: list[dict], out_dir: Path, stem: str, quick: bool) -> None
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as error:  # bad folders or data: the message says what to do
-        sys.exit(f"error: {error}")
+    exit_on_error(main)

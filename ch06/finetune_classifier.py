@@ -15,7 +15,6 @@ initialised GPT, trained on all layers, stands in, and the report says so.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from shared import classification as cls
 from shared import lora
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, make_optimizer, train_model
-from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
+from shared.utils import exit_on_error, get_device, is_quick, run_dir, set_seed, write_json
 from shared.weights import load_gpt2_or_standin
 
 HERE = Path(__file__).resolve().parent
@@ -246,7 +245,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as error:  # bad files, folders or data: the message says what to do
-        sys.exit(f"error: {error}")
+    exit_on_error(main)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from shared.instruction import (
 from shared.model import GPT_CONFIGS
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import TrainSettings, calc_loss_loader, make_optimizer, train_model
-from shared.utils import get_device, is_quick, run_dir, set_seed, write_json
+from shared.utils import exit_on_error, get_device, is_quick, run_dir, set_seed, write_json
 from shared.weights import load_gpt2_or_standin, save_hf_gpt2
 
 HERE = Path(__file__).resolve().parent
@@ -209,7 +208,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as error:  # bad files, folders or data: the message says what to do
-        sys.exit(f"error: {error}")
+    exit_on_error(main)

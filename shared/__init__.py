@@ -4,7 +4,7 @@ Each chapter builds a piece step by step in its notebook; the final form lives h
 every later chapter imports it. The map: ``shared.<module>`` (chapter): main public names.
 
 - ``shared.utils`` (all): get_device, available_devices, set_seed, is_quick, by_mode, banner, atomic_path, write_json, eval_mode,
-  run_dir, check_writable, add_output_args, is_disk_full, CheckpointError
+  run_dir, exit_on_error, check_writable, add_output_args, is_disk_full, CheckpointError
 - ``shared.download`` (all): download, host_url, safe_extract_zip, DownloadError, ChecksumError, DestinationError
 - ``shared.data`` (all): data_dir, fetch, REMOTE_FILES, load_the_verdict, load_sms_spam, load_instruction_data, validate_instruction_entries, DataValidationError
 - ``shared.tokenizer`` (ch02): simple_split, build_vocab, SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer, encode_text, check_token_ids, GPT2_VOCAB_SIZE, GPT2_EOT_ID, END_OF_TEXT, UNKNOWN

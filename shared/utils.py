@@ -9,9 +9,10 @@ import os
 import platform
 import random
 import secrets
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -295,3 +296,12 @@ def add_output_args(parser: argparse.ArgumentParser, name: str, committed: Path 
     group.add_argument("--out-dir", type=Path, help=f"where the results go (default: runs/{name}-<date>-<time>)")
     if committed is not None:
         group.add_argument("--refresh-committed", action="store_true", help=f"replace the committed files in {committed}")
+
+
+def exit_on_error(main: Callable[[], object]) -> None:
+    """Run a script's ``main()``: a bad file, folder or value ends it with one ``error:`` line and
+    exit status 1, not a traceback (the error's message says what to change)."""
+    try:
+        main()
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")

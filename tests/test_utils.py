@@ -202,3 +202,15 @@ def test_atomic_path_on_a_full_disk_says_so_and_keeps_the_old_file(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")  # what a write on a full disk raises
     assert caught.value.errno == errno.ENOSPC
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_exit_on_error_turns_a_bad_file_into_one_error_line_and_status_1():
+    def main():
+        raise FileNotFoundError("no such file: data.json; pass --data")
+
+    with pytest.raises(SystemExit) as caught:
+        utils.exit_on_error(main)
+    assert caught.value.code == "error: no such file: data.json; pass --data"  # printed, exit status 1
+    utils.exit_on_error(lambda: None)  # a clean run returns normally
+    with pytest.raises(KeyError):  # a bug is not a user error: its traceback stays
+        utils.exit_on_error(lambda: {}["missing"])
