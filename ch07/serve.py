@@ -1,6 +1,6 @@
 """Talk to your model: an OpenAI-compatible server with streaming, batching and a chat page.
 
-    python ch07/serve.py --model ch07/outputs/model        # ch07's finetuned model
+X
     python ch07/serve.py --model runs/pretrain/<run>       # a folder written by ch05/pretrain.py
     python ch07/serve.py --model gpt2-small                # OpenAI's GPT-2 (downloaded once)
 
