@@ -1,7 +1,7 @@
 """Talk to your model: an OpenAI-compatible server with streaming, batching and a chat page.
 
 X
-    python ch07/serve.py --model runs/pretrain/<run>       # a folder written by ch05/pretrain.py
+    python ch07/serve.py --model runs/pretrain-<date>-<time>   # a folder written by ch05/pretrain.py
     python ch07/serve.py --model gpt2-small                # OpenAI's GPT-2 (downloaded once)
 
 then open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at
