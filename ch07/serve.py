@@ -1,6 +1,6 @@
 """Talk to your model: an OpenAI-compatible server with streaming, batching and a chat page.
 
-X
+    python ch07/serve.py --model ch07/runs/finetune_instructions/<run>   # ch07's finetuned model
     python ch07/serve.py --model runs/pretrain-<date>-<time>   # a folder written by ch05/pretrain.py
     python ch07/serve.py --model gpt2-small                # OpenAI's GPT-2 (downloaded once)
 
